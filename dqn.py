@@ -210,10 +210,24 @@ class Env:
     def reset(self, seed):
         return self.vec.reset(seed=seed)[0]
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.vec.step(actions)
+    def send(self, actions):
+        """Starts the step; Atari emulators run in ale-py's threads until recv(), while we learn."""
+        if self.atari:
+            self.vec.send(actions)
+        else:
+            self.pending = actions
+
+    def recv(self):
+        if self.atari:
+            obs, reward, terminated, truncated, info = self.vec.recv()
+        else:
+            obs, reward, terminated, truncated, info = self.vec.step(self.pending)
         game_over = terminated & (info["lives"] == 0) if self.atari else terminated
         return obs, reward.astype(np.float32), terminated, truncated, game_over | truncated
+
+    def step(self, actions):
+        self.send(actions)
+        return self.recv()
 
     def close(self):
         self.vec.close()
@@ -248,11 +262,12 @@ def make_atari(spec, num_envs, train):
 
 # ------------------------------------------------------------------------------------------- Q-network
 class StridedConv(nn.Module):
-    """A stride-s convolution computed as space-to-depth followed by a stride-1 convolution.
+    """A stride-s convolution rewritten as one matrix product and a few shifted sums.
 
-    Cutting the image into s x s blocks turns an 8x8/4 convolution over 84x84 into a 2x2/1 convolution over
-    21x21 blocks of 16 pixels: the same sums of the same products. The weight keeps the conventional
-    (out, kh, kw, in) layout of nn.Conv2d, so checkpoints and tests compare against it directly.
+    Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
+    blocks of 4*4*4 = 64 values (space-to-depth). A 2x2 convolution is, in turn, the product of every block
+    with each of the 4 kernel quarters, summed over the 4 shifted positions. The same function with the same
+    (out, kh, kw, in) weights as nn.Conv2d, but its gradient is much faster on MLX's CPU backend (README).
     """
 
     def __init__(self, in_ch, out_ch, kernel, stride):
@@ -265,11 +280,17 @@ class StridedConv(nn.Module):
     def __call__(self, x):
         s, (o, k, _, c) = self.stride, self.weight.shape
         b, h, w, _ = x.shape
-        # (B, H, W, C) -> (B, H/s, W/s, s*s*C): each block's pixels become channels.
+        n, oh, ow = k // s, (h - k) // s + 1, (w - k) // s + 1  # n x n kernel quarters; output size
+        # (B, H, W, C) -> (B, H/s, W/s, s*s*C): each block's pixels become channels, ordered (dy, dx, c).
         x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, -1)
-        # (O, k, k, C) -> (O, k/s, k/s, s*s*C), channels in the same (dy, dx, c) order as x.
-        wt = self.weight.reshape(o, k // s, s, k // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-        return mx.conv2d(x, wt.reshape(o, k // s, k // s, -1)) + self.bias
+        # (O, k, k, C) -> (s*s*C, n*n*O): column block (i, j) is kernel quarter (i, j) in x's channel order.
+        wt = self.weight.reshape(o, n, s, n, s, c).transpose(2, 4, 5, 1, 3, 0).reshape(s * s * c, n * n * o)
+        z = (x @ wt).reshape(b, h // s, w // s, n * n, o)  # every block times every quarter
+        y = self.bias
+        for i in range(n):  # output (p, q) sums quarter (i, j) applied to block (p + i, q + j)
+            for j in range(n):
+                y = y + z[:, i:i + oh, j:j + ow, i * n + j]
+        return y  # (B, oh, ow, O)
 
 
 class AtariQNetwork(nn.Module):
@@ -602,7 +623,7 @@ class CsvLog:
 
     def __init__(self, path, columns):
         new = not path.exists()
-        self.file, self.columns = open(path, "a", newline=""), columns
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, columns)
         if new:
             self.writer.writeheader()
@@ -610,6 +631,48 @@ class CsvLog:
     def write(self, **row):
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         self.file.flush()
+
+
+class Progress:
+    """Real game scores per finished episode (metrics.csv) and a progress line every few seconds."""
+
+    def __init__(self, run_dir, step, episodes, num_envs, log):
+        self.csv = CsvLog(run_dir / "metrics.csv", ["step", "episode", "episodic_return", "episode_length",
+                                                     "epsilon", "loss", "avg_max_q"])
+        self.step, self.episodes, self.log = step, episodes, log
+        self.score, self.length = np.zeros(num_envs), np.zeros(num_envs, np.int64)
+        self.returns, self.losses, self.qs, self.loss, self.q = [], [], [], float("nan"), float("nan")
+        self.first_losses = []  # the first 1,000, returned to the caller (tests compare seeds with them)
+        self.t_line, self.step_line = time.time(), step
+
+    def agent_step(self, reward, done, live, eps):
+        """live: False for envs whose step only returned a reset observation."""
+        self.score += reward * live
+        self.length += live
+        self.step += int(live.sum())
+        for i in np.flatnonzero(done & live):
+            self.episodes += 1
+            self.returns = (self.returns + [float(self.score[i])])[-20:]
+            self.csv.write(step=self.step, episode=self.episodes, episodic_return=float(self.score[i]),
+                           episode_length=int(self.length[i]), epsilon=eps, loss=self.loss, avg_max_q=self.q)
+            self.score[i], self.length[i] = 0, 0
+        if time.time() - self.t_line > 5:
+            self.line(eps)
+
+    def update(self, loss, q):
+        self.loss, self.q = loss, q
+        self.losses.append(loss)
+        self.qs.append(q)
+        if len(self.first_losses) < 1000:
+            self.first_losses.append(loss)
+
+    def line(self, eps):
+        sps = (self.step - self.step_line) / (time.time() - self.t_line)
+        ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
+        loss = f"{np.mean(self.losses):.4f} | q {np.mean(self.qs):.3f}" if self.losses else "- | q -"
+        self.log(f"step {self.step:,} | {sps:.0f} sps | episodes {self.episodes} | return {ret} | eps {eps:.3f} "
+                 f"| loss {loss}")
+        self.t_line, self.step_line, self.losses, self.qs = time.time(), self.step, [], []
 
 
 def memory_available():
@@ -620,37 +683,50 @@ def memory_available():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def train(args, log=print):
-    """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network.
-    Returns a summary dict; writes config.json, metrics.csv, eval.csv and checkpoints into the run dir."""
-    env = Env(args.env, args.num_envs, train=not args.eval_only)
-    frame_shape = env.obs_shape[1:] if env.atari else env.obs_shape  # a stored frame: (84, 84) or (obs_dim,)
-    need = Replay.nbytes(args.buffer_size, frame_shape, env.obs_dtype)
-    have = memory_available()
-    if not args.eval_only and need > have:
+def make_replay(env, args):
+    """The replay for this env, refused before any allocation when it cannot fit in memory."""
+    frame_shape = env.obs_shape[1:] if env.atari else env.obs_shape  # one stored frame: (84, 84) or (obs_dim,)
+    stack = env.obs_shape[0] if env.atari else 1
+    need, have = Replay.nbytes(args.buffer_size, frame_shape, env.obs_dtype), memory_available()
+    if need > have:
         raise UserError(f"a replay of {args.buffer_size:,} transitions needs {need / 1e9:.1f} GB but "
                         f"{have / 1e9:.1f} GB is available; lower --buffer-size")
-    mx.random.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    q = make_q_network(env, args.arch)
-    target = q if args.target_update == 0 else make_q_network(env, args.arch)
-    sync_target(q, target)
-    opt = optim.Adam(learning_rate=args.lr, eps=1.5e-4)
-    opt.init(q.trainable_parameters())
-    identity = {"env": args.env, "arch": args.arch if env.atari else "mlp", "num_actions": env.num_actions}
-    meta = load_checkpoint(args.load, q, target, opt, identity) if args.load else {}
-    mx.eval(q.parameters(), target.parameters(), opt.state)
+    if args.buffer_size // args.num_envs < stack + 2:
+        raise UserError(f"--buffer-size {args.buffer_size} leaves fewer than {stack + 2} slots per env")
+    return Replay(args.buffer_size, args.num_envs, frame_shape, env.obs_dtype, stack)
 
+
+def make_run_dir(args):
     run_dir = Path(args.run_dir or f"runs/{args.env.replace('/', '_')}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
     except OSError as e:
         raise UserError(f"run dir {run_dir} is not writable: {e.strerror}", code=1) from None
+    return run_dir
+
+
+def train(args, log=print):
+    """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network.
+    Writes config.json, metrics.csv, eval.csv and checkpoints into the run dir; returns a summary dict."""
+    env = Env(args.env, args.num_envs, train=not args.eval_only)
+    replay = None if args.eval_only else make_replay(env, args)  # checked before anything is written
+    mx.random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    q = make_q_network(env, args.arch)
+    target = q if args.target_update == 0 else make_q_network(env, args.arch)  # theta^-
+    sync_target(q, target)
+    opt = optim.Adam(learning_rate=args.lr, eps=1.5e-4)
+    opt.init(q.trainable_parameters())
+    identity = {"env": args.env, "arch": args.arch if env.atari else "mlp", "num_actions": env.num_actions}
+    meta = load_checkpoint(args.load, q, target, opt, identity) if args.load else {}
+    mx.eval(q.parameters(), target.parameters(), opt.state)
+    run_dir = make_run_dir(args)
     log(f"env {args.env}: {env.num_actions} actions, obs {env.obs_shape} | BLAS: {BLAS or 'reference'} | "
-        f"replay {args.buffer_size:,} transitions = {need / 1e9:.2f} GB | run dir {run_dir}")
+        + (f"replay {args.buffer_size:,} transitions = {replay.frames.nbytes / 1e9:.2f} GB | " if replay else "")
+        + f"run dir {run_dir}")
     if BLAS is None:
-        log("hint: MLX uses the slow reference BLAS; `apt-get install libopenblas0-pthread` makes training ~10x faster")
+        log("hint: MLX uses the slow reference BLAS; `apt-get install libopenblas0-pthread` trains ~10x faster")
 
     held_out = held_out_states(args.env, 500 if env.atari else 100, args.seed + 2)
     eval_log = CsvLog(run_dir / "eval.csv", ["step", "mean_return", "std_return", "episodes", "avg_max_q"])
@@ -668,102 +744,73 @@ def train(args, log=print):
 
     if args.eval_only:
         env.close()
-        return {"eval": run_eval(meta.get("step", 0)), "run_dir": run_dir}
+        return {"evals": [run_eval(meta.get("step", 0))], "run_dir": run_dir}
 
-    # Resuming: counters and random generator continue; the replay does not survive and refills first.
-    step, episodes, updates = meta.get("step", 0), meta.get("episodes", 0), meta.get("updates", 0)
-    stack = env.obs_shape[0] if env.atari else 1
-    if "rng" in meta:
+    step, episodes = meta.get("step", 0), meta.get("episodes", 0)
+    if "rng" in meta:  # resuming: counters and random stream go on; the replay refills first
         rng.bit_generator.state = meta["rng"]
-        log(f"resumed at step {step:,} (epsilon {epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps):.3f}); "
-            f"the replay refills with {args.learning_starts:,} new steps before learning resumes")
-    if args.buffer_size // args.num_envs < stack + 2:
-        raise UserError(f"--buffer-size {args.buffer_size} leaves fewer than {stack + 2} slots per env")
-    replay = Replay(args.buffer_size, args.num_envs, frame_shape, env.obs_dtype, stack)
+        log(f"resumed at step {step:,}, epsilon {epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps):.3f}; "
+            f"learning resumes after {args.learning_starts:,} new steps refill the replay")
     train_step = make_train_step(q, target, opt, args.gamma, args.double)
-    metrics = CsvLog(run_dir / "metrics.csv", ["step", "episode", "episodic_return", "episode_length", "epsilon",
-                                               "loss", "avg_max_q"])
+    progress = Progress(run_dir, step, episodes, args.num_envs, log)
 
     def checkpoint():
-        save_checkpoint(run_dir, q, target, opt, dict(identity, step=step, episodes=episodes, updates=updates,
+        save_checkpoint(run_dir, q, target, opt, dict(identity, step=progress.step, episodes=progress.episodes,
                                                       rng=rng.bit_generator.state))
 
-    stop_signal = []  # set by SIGINT/SIGTERM; the loop finishes its step, saves and exits
-    old_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    obs = env.reset(seed=args.seed + step)
+    stop = []  # SIGINT/SIGTERM only set this: the loop ends its step, saves and exits
+    handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
     replay.start(obs[:, -1] if env.atari else obs)
-    score, length = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64)
     was_done = np.zeros(args.num_envs, bool)
-    recent_returns, loss_sum, q_sum, n_losses = [], 0.0, 0.0, 0
-    last_loss, last_q = float("nan"), float("nan")
     next_update, next_sync = step + args.learning_starts, step + args.target_update
-    t_start, t_log, step_log = time.time(), time.time(), step
-    summary = {"losses": [], "evals": [], "run_dir": run_dir}
+    evals, t_learn, step_learn = [], None, None
     try:
-        while step < args.total_steps and not stop_signal:
+        while step < args.total_steps and not stop:
             eps = epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps)
             actions = act(q, obs, eps, rng, env.num_actions)
-            obs, reward, terminated, truncated, done = env.step(actions)
-            # Mnih et al. 2013, sec. 5: "we clipped all positive rewards at 1 and all negative rewards at -1".
-            replay.add(actions, np.clip(reward, -1, 1), terminated, obs[:, -1] if env.atari else obs, was_done)
-            live = ~was_done  # the step after a game over only returned the reset observation
-            score += reward * live
-            length += live
-            prev_step, step = step, step + int(live.sum())
-            for i in np.flatnonzero(done & live):
-                episodes += 1
-                recent_returns = (recent_returns + [float(score[i])])[-20:]
-                metrics.write(step=step, episode=episodes, episodic_return=float(score[i]),
-                              episode_length=int(length[i]), epsilon=eps, loss=last_loss, avg_max_q=last_q)
-                score[i], length[i] = 0, 0
-            was_done = done & live
-
-            while step >= next_update:  # one update per --train-freq agent steps, whatever --num-envs is
+            env.send(actions)
+            while step >= next_update:  # one update per --train-freq agent steps, while the emulators run
                 x, a, r, term = replay.sample(args.batch_size, rng)
                 loss, max_q = train_step(mx.array(x), mx.array(a), mx.array(r), mx.array(term, mx.float32))
                 mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
-                next_update, updates = next_update + args.train_freq, updates + 1
-                last_loss, last_q = loss.item(), max_q.item()
-                if not (np.isfinite(last_loss) and np.isfinite(last_q)):
-                    raise UserError(f"the loss became {last_loss} (Q {last_q}) at step {step:,}; the last good "
-                                    f"checkpoint in {run_dir} is kept; try a lower --lr", code=1)
-                loss_sum, q_sum, n_losses = loss_sum + last_loss, q_sum + last_q, n_losses + 1
-                if len(summary["losses"]) < 1000:
-                    summary["losses"].append(last_loss)
+                progress.update(loss.item(), max_q.item())
+                if not (np.isfinite(progress.loss) and np.isfinite(progress.q)):
+                    raise UserError(f"the loss became {progress.loss} (Q {progress.q}) at step {step:,}; the last "
+                                    f"good checkpoint in {run_dir} is kept; try a lower --lr", code=1)
+                next_update += args.train_freq
+                t_learn, step_learn = t_learn or time.time(), step_learn or step
+            obs, reward, terminated, truncated, done = env.recv()
+            # Mnih et al. 2013, sec. 5: "we clipped all positive rewards at 1 and all negative rewards at -1".
+            replay.add(actions, np.clip(reward, -1, 1), terminated, obs[:, -1] if env.atari else obs, was_done)
+            progress.agent_step(reward, done, ~was_done, eps)  # after a game over, a step only resets
+            was_done = done & ~was_done
+            prev, step = step, progress.step
             if args.target_update and step >= next_sync:
                 sync_target(q, target)
                 next_sync += args.target_update
-
-            if args.eval_every and step // args.eval_every > prev_step // args.eval_every:
-                summary["evals"].append(run_eval(step))
-            if args.save_every and step // args.save_every > prev_step // args.save_every:
+            if args.eval_every and step // args.eval_every > prev // args.eval_every:
+                evals.append(run_eval(step))
+            if args.save_every and step // args.save_every > prev // args.save_every:
                 checkpoint()
-            if time.time() - t_log > 5:
-                sps = (step - step_log) / (time.time() - t_log)
-                ret = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-                loss_txt = f"{loss_sum / n_losses:.4f} | q {q_sum / n_losses:.3f}" if n_losses else "- | q -"
-                log(f"step {step:,} | {sps:.0f} sps | episodes {episodes} | return {ret} | eps {eps:.3f} | "
-                    f"loss {loss_txt}")
-                t_log, step_log, loss_sum, q_sum, n_losses = time.time(), step, 0.0, 0.0, 0
     finally:
-        for sig, handler in old_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
         env.close()
-    if stop_signal:
-        checkpoint()
-        log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
-        raise SystemExit(128 + stop_signal[0])
     checkpoint()
-    log(f"done: {step:,} steps in {time.time() - t_start:.0f} s; model in {run_dir / 'model.safetensors'}")
+    if stop:
+        log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
+        raise SystemExit(128 + stop[0])
+    log(f"done: {step:,} steps; model in {run_dir / 'model.safetensors'}")
     if args.eval_every and step % args.eval_every:  # a final evaluation, unless one just ran
-        summary["evals"].append(run_eval(step))
+        evals.append(run_eval(step))
     if args.video:
         record_video(q, args.env, run_dir, args.seed + 3)
     if args.plot:
         plot_run(run_dir)
-    summary.update(step=step, episodes=episodes, updates=updates, recent_returns=recent_returns)
-    return summary
+    learning_sps = (step - step_learn) / (time.time() - t_learn) if t_learn else float("nan")
+    return dict(step=step, episodes=progress.episodes, evals=evals, losses=progress.first_losses, run_dir=run_dir,
+                learning_sps=learning_sps)
 
 
 def main(argv=None):
