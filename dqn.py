@@ -24,8 +24,8 @@ Differences from the paper (paper value -> ours -> why):
 - Reward clipping: the learner sees rewards clipped to [-1, 1] as in the paper; the logs show the real score.
 - Life loss: a lost life ends the episode for the learner during training only (2015), never in evaluation.
 - Evaluation (2015 protocol): epsilon 0.05, up to 30 no-op starts, at most 18,000 frames (5 minutes).
-- Convolutions: each strided convolution is computed as space-to-depth + stride-1 convolution. It is the same
-  function on the same (out, kh, kw, in) weights, but its gradient is several times faster on MLX's CPU backend.
+- Convolutions: each strided convolution is computed as space-to-depth and one matrix product (StridedConv):
+  the same function on the same (out, kh, kw, in) weights, with a gradient several times faster on MLX's CPU.
 - Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (see CLASSIC_DEFAULTS).
 """
 
@@ -124,6 +124,7 @@ def build_parser():
     a("--plot", action="store_true", help="draw curves.png in the run dir at each evaluation and at the end "
       "(needs matplotlib)")
     a("--plot-run", metavar="RUN_DIR", help="only draw RUN_DIR/curves.png from its CSV files, then exit")
+    a("--benchmark", action="store_true", help="print update, environment and end-to-end speed for --env")
     a("--video", action="store_true", help="record the final evaluation episodes to the run dir (needs "
       "moviepy, and opencv-python on Atari)")
     return p
@@ -559,24 +560,35 @@ def average_max_q(q, states):
     return float(q(mx.array(states)).max(axis=1).mean())  # sync point
 
 
+def require(*packages):
+    """Imports optional packages lazily; a missing one is a one-line error naming what to install."""
+    pip_names = {"cv2": "opencv-python-headless", "pygame": "pygame"}
+    for name in packages:
+        try:
+            __import__(name)
+        except ImportError:
+            raise UserError(f"this option needs the package {name}: pip install {pip_names.get(name, name)}") from None
+
+
+def video_packages(env_id):
+    # RecordVideo writes with moviepy; AtariPreprocessing resizes with OpenCV; classic tasks draw with pygame.
+    return ("moviepy", "cv2") if is_atari(env_id) else ("moviepy", "pygame")
+
+
 def record_video(q, env_id, run_dir, seed, episodes=1, eps=0.05):
-    """Records the real game screen of evaluation episodes with gymnasium's RecordVideo."""
-    try:
-        import moviepy  # noqa: F401  (RecordVideo's own dependency)
-        if is_atari(env_id):
-            import cv2  # noqa: F401  (AtariPreprocessing's own dependency)
-    except ImportError as e:
-        raise UserError(f"--video needs the package {e.name}: pip install {e.name.replace('cv2', 'opencv-python')}")
-    env = gym.make(env_id, render_mode="rgb_array", **({"frameskip": 1} if is_atari(env_id) else {}))
-    if is_atari(env_id):  # the same preprocessing as the vector env, in Python
+    """Records evaluation episodes as the real game screen, with gymnasium's RecordVideo. ale-py's vector env
+    shows only the 84x84 input, so this runs one Python env with gymnasium's own Atari preprocessing."""
+    require(*video_packages(env_id))
+    atari = is_atari(env_id)
+    env = gym.make(env_id, render_mode="rgb_array", **({"frameskip": 1} if atari else {}))
+    if atari:
         env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, terminal_on_life_loss=False)
-        env = gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")
+        env = gym.wrappers.FrameStackObservation(env, 4, padding_type="zero")  # zeros, as the vector env
     env = gym.wrappers.RecordVideo(env, str(Path(run_dir) / "videos"), episode_trigger=lambda _: True,
                                    disable_logger=True)
     rng = np.random.default_rng(seed)
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done = False
+        obs, done = env.reset(seed=seed + i)[0], False
         while not done:
             action = act(q, np.asarray(obs)[None], eps, rng, env.action_space.n)[0]
             obs, _, terminated, truncated, _ = env.step(int(action))
@@ -586,13 +598,11 @@ def record_video(q, env_id, run_dir, seed, episodes=1, eps=0.05):
 
 def plot_run(run_dir):
     """Training return, evaluation return and average max Q against agent steps, like the 2013 Figure 2."""
-    try:
-        import matplotlib
+    require("matplotlib")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs the package matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.csv").exists():
         raise UserError(f"{run_dir} holds no metrics.csv: is it a run directory?")
@@ -683,6 +693,14 @@ def memory_available():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def peak_rss():
+    """Peak resident memory of this process, in bytes."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts kilobytes
+
+
 def make_replay(env, args):
     """The replay for this env, refused before any allocation when it cannot fit in memory."""
     frame_shape = env.obs_shape[1:] if env.atari else env.obs_shape  # one stored frame: (84, 84) or (obs_dim,)
@@ -710,6 +728,7 @@ def train(args, log=print):
     """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network.
     Writes config.json, metrics.csv, eval.csv and checkpoints into the run dir; returns a summary dict."""
     env = Env(args.env, args.num_envs, train=not args.eval_only)
+    require(*(["matplotlib"] if args.plot else []), *(video_packages(args.env) if args.video else []))
     replay = None if args.eval_only else make_replay(env, args)  # checked before anything is written
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -723,7 +742,7 @@ def train(args, log=print):
     mx.eval(q.parameters(), target.parameters(), opt.state)
     run_dir = make_run_dir(args)
     log(f"env {args.env}: {env.num_actions} actions, obs {env.obs_shape} | BLAS: {BLAS or 'reference'} | "
-        + (f"replay {args.buffer_size:,} transitions = {replay.frames.nbytes / 1e9:.2f} GB | " if replay else "")
+        + (f"replay {args.buffer_size:,} transitions = {replay.frames.nbytes / 1e9:.2f} GB | " if replay is not None else "")
         + f"run dir {run_dir}")
     if BLAS is None:
         log("hint: MLX uses the slow reference BLAS; `apt-get install libopenblas0-pthread` trains ~10x faster")
@@ -744,7 +763,10 @@ def train(args, log=print):
 
     if args.eval_only:
         env.close()
-        return {"evals": [run_eval(meta.get("step", 0))], "run_dir": run_dir}
+        evals = [run_eval(meta.get("step", 0))]
+        if args.video:
+            record_video(q, args.env, run_dir, args.seed + 3)
+        return {"evals": evals, "run_dir": run_dir}
 
     step, episodes = meta.get("step", 0), meta.get("episodes", 0)
     if "rng" in meta:  # resuming: counters and random stream go on; the replay refills first
@@ -801,7 +823,7 @@ def train(args, log=print):
     if stop:
         log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
         raise SystemExit(128 + stop[0])
-    log(f"done: {step:,} steps; model in {run_dir / 'model.safetensors'}")
+    log(f"done: {step:,} steps; peak memory {peak_rss() / 1e9:.2f} GB; model in {run_dir / 'model.safetensors'}")
     if args.eval_every and step % args.eval_every:  # a final evaluation, unless one just ran
         evals.append(run_eval(step))
     if args.video:
@@ -813,13 +835,62 @@ def train(args, log=print):
                 learning_sps=learning_sps)
 
 
+# ------------------------------------------------------------------------------------------- benchmark
+def benchmark(args, log=print, reps=3):
+    """--benchmark: the README's speed table for --env, each figure the median of `reps` repetitions.
+    End to end is steady state: epsilon fixed at --eps-end, learning on, from the first update to the end."""
+    import tempfile
+
+    env, rng = Env(args.env, args.num_envs, train=True), np.random.default_rng(args.seed)
+    env.reset(seed=args.seed)
+
+    def env_sps(n=3000):
+        t = time.perf_counter()
+        for _ in range(n // args.num_envs):
+            env.step(rng.integers(env.num_actions, size=args.num_envs))
+        return n / (time.perf_counter() - t)
+
+    log(f"{args.env}, {args.num_envs} env(s), batch {args.batch_size}, train every {args.train_freq} steps, "
+        f"BLAS: {BLAS or 'reference'}")
+    log(f"environment alone: {np.median([env_sps() for _ in range(reps)]):.0f} agent steps/s")
+    env.close()
+    archs = ("nips", "nature") if env.atari else ("mlp",)
+    for arch in archs:
+        q, target = make_q_network(env, arch), make_q_network(env, arch)
+        opt = optim.Adam(learning_rate=args.lr)
+        train_step = make_train_step(q, target, opt, args.gamma, args.double)
+        x = mx.array(rng.integers(0, 256, (args.batch_size, *env.obs_shape), np.uint8)[:, [0, 0, 1, 2, 3]]
+                     if env.atari else rng.normal(size=(args.batch_size, 2, *env.obs_shape)).astype(np.float32))
+        a, r = mx.array(rng.integers(env.num_actions, size=args.batch_size)), mx.zeros(args.batch_size)
+
+        def updates_per_s(n=20):
+            t = time.perf_counter()
+            for _ in range(n):
+                mx.eval(train_step(x, a, r, r), q.state, opt.state)
+            return n / (time.perf_counter() - t)
+
+        updates_per_s(3)  # compiles
+        log(f"{arch}: update alone: {np.median([updates_per_s() for _ in range(reps)]):.1f} updates/s")
+        e2e = []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory() as tmp:
+                run = argparse.Namespace(**dict(vars(args), arch=arch, eps_start=args.eps_end, learning_starts=2000,
+                                                total_steps=5000, buffer_size=100_000, eval_every=0, save_every=0,
+                                                load=None, run_dir=tmp, plot=False, video=False, eval_only=False))
+                e2e.append(train(run, log=lambda *_: None)["learning_sps"])
+        log(f"{arch}: end to end: {np.median(e2e):.1f} agent steps/s (runs: {', '.join(f'{v:.1f}' for v in e2e)})")
+    log(f"peak memory: {peak_rss() / 1e9:.2f} GB")
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
         if args.plot_run:
             print(f"wrote {plot_run(args.plot_run)}")
-            return 0
-        train(args)
+        elif args.benchmark:
+            benchmark(args)
+        else:
+            train(args)
     except KeyboardInterrupt:  # before the training loop's own handler is installed
         print("dqn.py: error: interrupted", file=sys.stderr)
         return 130

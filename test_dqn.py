@@ -411,3 +411,9 @@ class ImageTask:  # a minimal non-Atari env with image observations, for the tes
             action_space = gym.spaces.Discrete(2)
 
         return _Env()
+
+
+def test_missing_optional_package_is_one_line():
+    with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
+        dqn.require("no_such_pkg_xyz")
+    assert dqn.video_packages("ALE/Breakout-v5") == ("moviepy", "cv2")
