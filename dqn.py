@@ -91,42 +91,46 @@ CLASSIC_DEFAULTS = dict(total_steps=50_000, buffer_size=50_000, batch_size=128, 
 
 
 def build_parser():
+    def default(name):  # the help says both defaults, read from the tables above so they cannot drift
+        return f"default: Atari {ATARI_DEFAULTS[name]:,}, classic {CLASSIC_DEFAULTS[name]:,}"
+
     p = argparse.ArgumentParser(prog="dqn.py", description="DQN (Mnih et al. 2013/2015) in MLX.")
     a = p.add_argument
     a("--env", default="ALE/Pacman-v5", help="gymnasium id: any Atari id, or a task with a flat Box "
       "observation and Discrete actions (CartPole-v1, Acrobot-v1, LunarLander-v3)")
     a("--seed", type=int, default=1, help="seeds the network, replay sampling, exploration and environments")
-    a("--total-steps", type=int, help="agent steps to train; one Atari agent step = 4 emulator frames "
-      "(paper: 10M frames = 2.5M steps; classic: 50k)")
+    a("--total-steps", type=int, help="agent steps to train, in all; one Atari agent step = 4 emulator frames "
+      f"(paper: 10M frames = 2.5M steps; {default('total_steps')})")
     a("--arch", choices=("nips", "nature"), default="nips", help="Atari network: nips = 2013 (16/32 conv, "
       "fc 256), nature = 2015 (32/64/64 conv, fc 512)")
-    a("--buffer-size", type=int, help="replay memory, in transitions (paper: 1M; classic: 50k)")
-    a("--batch-size", type=int, help="minibatch size (paper: 32; classic: 64)")
-    a("--lr", type=float, help="Adam learning rate (ours: 1e-4; classic: 1e-3; 2015 paper: RMSProp 2.5e-4)")
-    a("--gamma", type=float, help="discount factor (2015 paper: 0.99)")
-    a("--eps-start", type=float, help="initial exploration epsilon (paper: 1.0)")
-    a("--eps-end", type=float, help="final exploration epsilon (paper: 0.1; classic: 0.05)")
+    a("--buffer-size", type=int, help=f"replay memory, in transitions (paper: 1M; {default('buffer_size')})")
+    a("--batch-size", type=int, help=f"minibatch size (paper: 32; {default('batch_size')})")
+    a("--lr", type=float, help=f"Adam learning rate (2015 paper: RMSProp 2.5e-4; {default('lr')})")
+    a("--gamma", type=float, help=f"discount factor (2015 paper: 0.99; {default('gamma')})")
+    a("--eps-start", type=float, help=f"initial exploration epsilon (paper: 1.0; {default('eps_start')})")
+    a("--eps-end", type=float, help=f"final exploration epsilon (paper: 0.1; {default('eps_end')})")
     a("--eps-decay-steps", type=int, help="agent steps over which epsilon falls linearly (paper: 1M; "
-      "classic: 10k)")
+      f"{default('eps_decay_steps')})")
     a("--learning-starts", type=int, help="agent steps of random play before learning (2015: 50k; "
-      "classic: 1k)")
-    a("--train-freq", type=int, help="agent steps between gradient updates (2015: 4; classic: 1)")
+      f"{default('learning_starts')})")
+    a("--train-freq", type=int, help=f"agent steps between gradient updates (2015: 4; {default('train_freq')})")
     a("--target-update", type=int, help="agent steps between target network syncs; 0 = no target "
-      "network, as in 2013 (2015: 10k; classic: 500)")
+      f"network, as in 2013 (2015: 10k; {default('target_update')})")
     a("--double", action="store_true", help="Double DQN target (van Hasselt et al. 2016)")
     a("--num-envs", type=int, default=1, help="parallel environments; each agent step of each counts")
     a("--run-dir", help="where logs and checkpoints go (default runs/<env>-<seed>-<time>)")
-    a("--eval-every", type=int, help="agent steps between evaluations, 0 = off (Atari: 250k; classic: 5k)")
-    a("--eval-episodes", type=int, help="episodes per evaluation (2015 paper: 30; ours: 10)")
+    a("--eval-every", type=int, help=f"agent steps between evaluations, 0 = off ({default('eval_every')})")
+    a("--eval-episodes", type=int, help=f"episodes per evaluation (2015 paper: 30; {default('eval_episodes')})")
     a("--eval-only", action="store_true", help="evaluate the model given by --load, do not train")
-    a("--save-every", type=int, help="agent steps between checkpoints, 0 = only at the end and on Ctrl-C")
+    a("--save-every", type=int, help="agent steps between checkpoints, 0 = only at the end and on Ctrl-C "
+      f"({default('save_every')})")
     a("--load", help="a checkpoint.safetensors to resume from, or a model.safetensors to start from")
     a("--plot", action="store_true", help="draw curves.png in the run dir at each evaluation and at the end "
       "(needs matplotlib)")
     a("--plot-run", metavar="RUN_DIR", help="only draw RUN_DIR/curves.png from its CSV files, then exit")
     a("--benchmark", action="store_true", help="print update, environment and end-to-end speed for --env")
-    a("--video", action="store_true", help="record the final evaluation episodes to the run dir (needs "
-      "moviepy, and opencv-python on Atari)")
+    a("--video", action="store_true", help="record a final evaluation episode to the run dir (needs moviepy, "
+      "and opencv-python-headless on Atari or pygame on classic tasks)")
     return p
 
 
@@ -411,6 +415,12 @@ def epsilon(step, start, end, decay_steps):
     """Mnih et al. 2013, sec. 5: "epsilon annealed linearly from 1 to 0.1 over the first million frames, and
     fixed at 0.1 thereafter." A pure function of the step, so a resumed run continues where it stopped."""
     return end + (start - end) * max(0.0, 1.0 - step / decay_steps)
+
+
+def compiled_q(q):
+    """Q as one compiled function for acting (25% faster at batch 1). It reads the weights from `inputs` at
+    every call, so it follows each update; without them it would act forever with the weights it first saw."""
+    return mx.compile(lambda x: q(x), inputs=q.state)
 
 
 def act(q, obs, eps, rng, num_actions):
@@ -773,7 +783,7 @@ def train(args, log=print):
         rng.bit_generator.state = meta["rng"]
         log(f"resumed at step {step:,}, epsilon {epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps):.3f}; "
             f"learning resumes after {args.learning_starts:,} new steps refill the replay")
-    train_step = make_train_step(q, target, opt, args.gamma, args.double)
+    train_step, q_act = make_train_step(q, target, opt, args.gamma, args.double), compiled_q(q)
     progress = Progress(run_dir, step, episodes, args.num_envs, log)
 
     def checkpoint():
@@ -790,7 +800,7 @@ def train(args, log=print):
     try:
         while step < args.total_steps and not stop:
             eps = epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps)
-            actions = act(q, obs, eps, rng, env.num_actions)
+            actions = act(q_act, obs, eps, rng, env.num_actions)
             env.send(actions)
             while step >= next_update:  # one update per --train-freq agent steps, while the emulators run
                 x, a, r, term = replay.sample(args.batch_size, rng)

@@ -153,6 +153,15 @@ def test_act_is_greedy_at_zero_epsilon_and_random_at_one():
     assert set(random_actions.tolist()) == {0, 1, 2, 3}
 
 
+def test_compiled_q_follows_weight_updates():
+    q, target, opt, step = make_learner(True)
+    q_act, x = dqn.compiled_q(q), batch(0)[0][:, 0]
+    assert mx.allclose(q_act(x), q(x)).item()
+    for i in range(3):
+        step(*batch(i))
+    assert mx.allclose(q_act(x), q(x), atol=1e-6).item()  # the new weights, not the ones first traced
+
+
 # ------------------------------------------------------------------------------------------- learning step
 def test_td_target_terminal_removes_bootstrap():
     q_next = mx.array([[1.0, 3.0], [2.0, 5.0]])
