@@ -312,7 +312,7 @@ class AtariQNetwork(nn.Module):
         convs, flat, hidden = self.ARCHS[arch]
         chans = [4] + [c for c, _, _ in convs]
         self.convs = [StridedConv(i, o, k, s) if s > 1 else nn.Conv2d(i, o, k)
-                      for i, (o, k, s) in zip(chans, convs)]
+                      for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
         self.fc = nn.Linear(flat, hidden)
         self.out = nn.Linear(hidden, num_actions)
 
@@ -628,7 +628,7 @@ def plot_run(run_dir):
     axes[1].errorbar(ev("step"), ev("mean_return"), yerr=ev("std_return"), marker="o", capsize=3)
     axes[2].plot(ev("step"), ev("avg_max_q"), marker="o")
     titles = ("Training return (real score)", "Evaluation return (epsilon 0.05)", "Average max Q, held-out states")
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(axes, titles, strict=True):
         ax.set(title=title, xlabel="agent steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -751,9 +751,9 @@ def train(args, log=print):
     meta = load_checkpoint(args.load, q, target, opt, identity) if args.load else {}
     mx.eval(q.parameters(), target.parameters(), opt.state)
     run_dir = make_run_dir(args)
-    log(f"env {args.env}: {env.num_actions} actions, obs {env.obs_shape} | BLAS: {BLAS or 'reference'} | "
-        + (f"replay {args.buffer_size:,} transitions = {replay.frames.nbytes / 1e9:.2f} GB | " if replay is not None else "")
-        + f"run dir {run_dir}")
+    size = "" if replay is None else f"replay {args.buffer_size:,} transitions = {replay.frames.nbytes / 1e9:.2f} GB | "
+    log(f"env {args.env}: {env.num_actions} actions, obs {env.obs_shape} | BLAS: {BLAS or 'reference'} | {size}"
+        f"run dir {run_dir}")
     if BLAS is None:
         log("hint: MLX uses the slow reference BLAS; `apt-get install libopenblas0-pthread` trains ~10x faster")
 
@@ -781,8 +781,9 @@ def train(args, log=print):
     step, episodes = meta.get("step", 0), meta.get("episodes", 0)
     if "rng" in meta:  # resuming: counters and random stream go on; the replay refills first
         rng.bit_generator.state = meta["rng"]
-        log(f"resumed at step {step:,}, epsilon {epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps):.3f}; "
-            f"learning resumes after {args.learning_starts:,} new steps refill the replay")
+        eps = epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps)
+        log(f"resumed at step {step:,}, epsilon {eps:.3f}; learning resumes after {args.learning_starts:,} new "
+            "steps refill the replay")
     train_step, q_act = make_train_step(q, target, opt, args.gamma, args.double), compiled_q(q)
     progress = Progress(run_dir, step, episodes, args.num_envs, log)
 
@@ -872,15 +873,13 @@ def benchmark(args, log=print, reps=3):
         x = mx.array(rng.integers(0, 256, (args.batch_size, *env.obs_shape), np.uint8)[:, [0, 0, 1, 2, 3]]
                      if env.atari else rng.normal(size=(args.batch_size, 2, *env.obs_shape)).astype(np.float32))
         a, r = mx.array(rng.integers(env.num_actions, size=args.batch_size)), mx.zeros(args.batch_size)
-
-        def updates_per_s(n=20):
+        speeds = []
+        for n in [3] + [20] * reps:  # the first 3 compile
             t = time.perf_counter()
             for _ in range(n):
                 mx.eval(train_step(x, a, r, r), q.state, opt.state)
-            return n / (time.perf_counter() - t)
-
-        updates_per_s(3)  # compiles
-        log(f"{arch}: update alone: {np.median([updates_per_s() for _ in range(reps)]):.1f} updates/s")
+            speeds.append(n / (time.perf_counter() - t))
+        log(f"{arch}: update alone: {np.median(speeds[1:]):.1f} updates/s")
         e2e = []
         for _ in range(reps):
             with tempfile.TemporaryDirectory() as tmp:

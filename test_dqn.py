@@ -84,10 +84,10 @@ def fill(replay, steps, value_of, terminated_at=(), reset_after_terminal=True):
         was_done = term if reset_after_terminal else np.zeros(n, bool)
 
 
-def all_samples(replay, rng=np.random.default_rng(0)):
-    """Every distinct transition the replay can return, keyed by (env frame value of s_t's newest frame)."""
-    x, a, r, term = replay.sample(500, rng)
-    return {int(row[-2, 0]): (row[:, 0].tolist(), int(ai), bool(ti)) for row, ai, ti in zip(x, a, term)}
+def all_samples(replay):
+    """Every distinct transition the replay can return, keyed by the value of s_t's newest frame."""
+    x, a, _, term = replay.sample(500, np.random.default_rng(0))
+    return {int(row[-2, 0]): (row[:, 0].tolist(), int(ai), bool(ti)) for row, ai, ti in zip(x, a, term, strict=True)}
 
 
 def test_replay_rebuilds_stacks_and_hides_previous_episode():
@@ -208,7 +208,7 @@ def test_target_changes_only_on_sync():
         step(*batch(i))
         mx.eval(q.state, opt.state)
     after = [np.array(v) for _, v in tree_flatten(target.parameters())]
-    assert all((b == a).all() for b, a in zip(before, after))
+    assert all((b == a).all() for b, a in zip(before, after, strict=True))
     assert not mx.allclose(q.layers[0].weight, target.layers[0].weight).item()
     dqn.sync_target(q, target)
     assert mx.array_equal(q.layers[0].weight, target.layers[0].weight).item()
