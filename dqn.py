@@ -258,7 +258,8 @@ def make_atari(spec, num_envs, train):
         # Nature 2015 evaluation: "each episode [...] for up to 5 min" = 18,000 frames at 60 Hz.
         max_num_frames_per_episode=kw.get("max_num_frames_per_episode", 108_000) if train else 18_000,
         noop_max=30,
-        # episodic_life=True would reset the whole game at each lost life (see FACTS); this keeps playing.
+        # Not episodic_life=True: it resets the whole game at each lost life, so the agent would never see
+        # its second life. life_loss_info reports `terminated` at each lost life while the game goes on.
         episodic_life=False, life_loss_info=train,
         # We clip rewards ourselves so that the logged score is the real one.
         reward_clipping=False,
@@ -534,7 +535,7 @@ def load_checkpoint(path, q, target, opt, expect):
         raise UserError(f"--load {path}: does not match the network: {str(e).splitlines()[0]}") from None
     if not full:
         sync_target(q, target)
-    return meta if full else {}
+    return dict(meta, full=full)  # full: a checkpoint to resume, not only weights to start from
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -778,8 +779,8 @@ def train(args, log=print):
             record_video(q, args.env, run_dir, args.seed + 3)
         return {"evals": evals, "run_dir": run_dir}
 
-    step, episodes = meta.get("step", 0), meta.get("episodes", 0)
-    if "rng" in meta:  # resuming: counters and random stream go on; the replay refills first
+    step, episodes = (meta.get("step", 0), meta.get("episodes", 0)) if meta.get("full") else (0, 0)
+    if meta.get("full"):  # resuming: counters and random stream go on; the replay refills first
         rng.bit_generator.state = meta["rng"]
         eps = epsilon(step, args.eps_start, args.eps_end, args.eps_decay_steps)
         log(f"resumed at step {step:,}, epsilon {eps:.3f}; learning resumes after {args.learning_starts:,} new "

@@ -350,7 +350,8 @@ def test_cartpole_learns_with_default_flags(tmp_path):
     assert out["step"] == 50_000 and best >= 195, [e["mean_return"] for e in out["evals"]]
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, str(HERE / "dqn.py"), "--env", "CartPole-v1", "--total-steps",
                           "10000000", "--save-every", "0", "--eval-every", "0", "--run-dir", str(run)],
@@ -358,13 +359,19 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (run / "metrics.csv").exists():
         time.sleep(0.2)
-    time.sleep(2)  # let it play a few episodes
-    p.send_signal(signal.SIGINT)
+    time.sleep(2)  # let it play and learn a little
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
     assert "Traceback" not in err and "checkpoint saved" in out
-    meta = json.loads(mx.load(str(run / "checkpoint.safetensors"), return_metadata=True)[1]["dqn"])
-    assert meta["step"] > 0
+    episodes = len((run / "metrics.csv").read_text().splitlines()) - 1
+    lines = []
+    args = tiny_cartpole_args(tmp_path, "--total-steps", "100000000", "--load", str(run / "checkpoint.safetensors"))
+    saved = json.loads(mx.load(args.load, return_metadata=True)[1]["dqn"])
+    args.total_steps = saved["step"] + 50
+    out = dqn.train(args, log=lines.append)
+    assert any(f"resumed at step {saved['step']:,}" in line for line in lines)
+    assert saved["step"] > 0 and out["episodes"] >= saved["episodes"] == episodes  # metrics were flushed
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -391,7 +398,13 @@ def test_load_errors_are_one_line(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_text("not a checkpoint")
     missing = tmp_path / "missing.safetensors"
-    for path, message in [(junk, "not a readable safetensors file"), (missing, "no such file")]:
+    q, target, opt, _ = make_learner(True)
+    dqn.save_checkpoint(tmp_path, q, target, opt, {"env": "CartPole-v1", "arch": "mlp", "num_actions": 2})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "checkpoint.safetensors").read_bytes()[:3000])
+    wrong = tmp_path / "model.safetensors"  # a 3-input network: CartPole has 4 inputs
+    for path, message in [(junk, "not a readable safetensors file"), (missing, "no such file"),
+                          (truncated, "not a readable safetensors file"), (wrong, "does not match the network")]:
         code, _, err = run_cli("--env", "CartPole-v1", "--eval-only", "--load", str(path))
         assert code == 2 and message in err and str(path) in err and "Traceback" not in err
 
