@@ -815,7 +815,8 @@ def train(args, log=print):
                 next_update += args.train_freq
                 t_learn, step_learn = t_learn or time.time(), step_learn or step
             obs, reward, terminated, truncated, done = env.recv()
-            # Mnih et al. 2013, sec. 5: "we clipped all positive rewards at 1 and all negative rewards at -1".
+            # Mnih et al. 2013, sec. 5: "we fixed all positive rewards to be 1 and all negative rewards to be -1,
+            # leaving 0 rewards unchanged." The learner sees the clipped reward; the logs keep the real score.
             replay.add(actions, np.clip(reward, -1, 1), terminated, obs[:, -1] if env.atari else obs, was_done)
             progress.agent_step(reward, done, ~was_done, eps)  # after a game over, a step only resets
             was_done = done & ~was_done
