@@ -837,7 +837,7 @@ def train(args, log=print):
         log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
         raise SystemExit(128 + stop[0])
     log(f"done: {step:,} steps; peak memory {peak_rss() / 1e9:.2f} GB; model in {run_dir / 'model.safetensors'}")
-    if args.eval_every and step % args.eval_every:  # a final evaluation, unless one just ran
+    if args.eval_every and (not evals or evals[-1]["step"] != step):  # a final evaluation, unless one just ran
         evals.append(run_eval(step))
     if args.video:
         record_video(q, args.env, run_dir, args.seed + 3)

@@ -304,6 +304,17 @@ def test_atari_end_to_end_writes_files(tmp_path):
     assert (run / "eval.csv").read_text().splitlines()[0] == "step,mean_return,std_return,episodes,avg_max_q"
 
 
+def test_parallel_envs_count_every_agent_step(tmp_path):
+    out = dqn.train(tiny_cartpole_args(tmp_path, "--num-envs", "3", "--eval-every", "200", "--eval-episodes", "2"),
+                    log=lambda *_: None)
+    assert 400 <= out["step"] < 403
+    steps = [e["step"] for e in out["evals"]]
+    assert len(steps) == len(set(steps)) == 2  # at 200 and at 400 (+ up to 2): the final one is not repeated
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    lengths = sum(int(r.split(",")[3]) for r in rows)
+    assert out["episodes"] == len(rows) and lengths <= out["step"]  # finished games account for steps taken
+
+
 def test_same_seed_gives_identical_losses(tmp_path):
     first = dqn.train(tiny_cartpole_args(tmp_path / "a"), log=lambda *_: None)["losses"]
     second = dqn.train(tiny_cartpole_args(tmp_path / "b"), log=lambda *_: None)["losses"]
