@@ -315,6 +315,12 @@ def test_parallel_envs_count_every_agent_step(tmp_path):
     assert out["episodes"] == len(rows) and lengths <= out["step"]  # finished games account for steps taken
 
 
+@pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"]])
+def test_2013_and_double_dqn_variants_train(tmp_path, flags):
+    out = dqn.train(tiny_cartpole_args(tmp_path, *flags), log=lambda *_: None)
+    assert 299 <= len(out["losses"]) <= 301 and np.isfinite(out["losses"]).all()  # one update per step from 100
+
+
 def test_same_seed_gives_identical_losses(tmp_path):
     first = dqn.train(tiny_cartpole_args(tmp_path / "a"), log=lambda *_: None)["losses"]
     second = dqn.train(tiny_cartpole_args(tmp_path / "b"), log=lambda *_: None)["losses"]
