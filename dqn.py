@@ -16,14 +16,18 @@ the paper's "10 million frames" are 2.5 million agent steps. Every step count be
 Differences from the paper (paper value -> ours -> why):
 - Target network and Huber loss: none in 2013 -> both, 10,000-step sync (2015) -> they made DQN stable;
   `--target-update 0` gives back the 2013 algorithm.
-- Optimizer: RMSProp (2013), centered RMSProp lr 2.5e-4 (2015) -> Adam lr 1e-4, eps 1.5e-4 -> MLX has no
-  centered RMSProp; Adam with these values is what Dopamine and CleanRL use for DQN.
+- Optimizer: RMSProp (2013), centered RMSProp lr 2.5e-4 (2015) -> Adam, lr 1e-4 (CleanRL's DQN) and eps
+  1.5e-4 (the Rainbow paper's) -> MLX has no centered RMSProp, and Adam is the usual choice for DQN since.
 - Replay start, discount, train frequency: not given in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
 - Epsilon decay "over the first million frames" -> over 1,000,000 agent steps, as DeepMind's released code
   counts them.
 - Reward clipping: the learner sees rewards clipped to [-1, 1] as in the paper; the logs show the real score.
 - Life loss: a lost life ends the episode for the learner during training only (2015), never in evaluation.
 - Evaluation (2015 protocol): epsilon 0.05, up to 30 no-op starts, at most 18,000 frames (5 minutes).
+- Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0), so
+  `ALE/Pacman-v5` means what gymnasium says it means.
+- Frames: gray 110x84 cropped to 84x84 (2013) -> resized straight to 84x84, max over the last 2 frames of
+  each skip (2015).
 - Convolutions: each strided convolution is computed as space-to-depth and one matrix product (StridedConv):
   the same function on the same (out, kh, kw, in) weights, with a gradient several times faster on MLX's CPU.
 - Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (see CLASSIC_DEFAULTS).
