@@ -215,6 +215,12 @@ class Env:
                             "and tasks with a flat vector observation")
         self.num_envs, self.num_actions = num_envs, int(act.n)
         self.obs_shape, self.obs_dtype = obs.shape, obs.dtype  # Atari: (4, 84, 84) uint8
+        # The replay stores one frame per step: Atari's newest (84, 84) frame of the stack, or the whole vector.
+        self.stack = obs.shape[0] if self.atari else 1
+        self.frame_shape = obs.shape[1:] if self.atari else obs.shape
+
+    def newest_frame(self, obs):
+        return obs[:, -1] if self.atari else obs  # (N, 84, 84) or (N, obs_dim)
 
     def reset(self, seed):
         return self.vec.reset(seed=seed)[0]
@@ -718,15 +724,13 @@ def peak_rss():
 
 def make_replay(env, args):
     """The replay for this env, refused before any allocation when it cannot fit in memory."""
-    frame_shape = env.obs_shape[1:] if env.atari else env.obs_shape  # one stored frame: (84, 84) or (obs_dim,)
-    stack = env.obs_shape[0] if env.atari else 1
-    need, have = Replay.nbytes(args.buffer_size, frame_shape, env.obs_dtype), memory_available()
+    need, have = Replay.nbytes(args.buffer_size, env.frame_shape, env.obs_dtype), memory_available()
     if need > have:
         raise UserError(f"a replay of {args.buffer_size:,} transitions needs {need / 1e9:.1f} GB but "
                         f"{have / 1e9:.1f} GB is available; lower --buffer-size")
-    if args.buffer_size // args.num_envs < stack + 2:
-        raise UserError(f"--buffer-size {args.buffer_size} leaves fewer than {stack + 2} slots per env")
-    return Replay(args.buffer_size, args.num_envs, frame_shape, env.obs_dtype, stack)
+    if args.buffer_size // args.num_envs < env.stack + 2:
+        raise UserError(f"--buffer-size {args.buffer_size} leaves fewer than {env.stack + 2} slots per env")
+    return Replay(args.buffer_size, args.num_envs, env.frame_shape, env.obs_dtype, env.stack)
 
 
 def make_run_dir(args):
@@ -799,7 +803,7 @@ def train(args, log=print):
     stop = []  # SIGINT/SIGTERM only set this: the loop ends its step, saves and exits
     handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
-    replay.start(obs[:, -1] if env.atari else obs)
+    replay.start(env.newest_frame(obs))
     was_done = np.zeros(args.num_envs, bool)
     next_update, next_sync = step + args.learning_starts, step + args.target_update
     evals, t_learn, step_learn = [], None, None
@@ -809,7 +813,7 @@ def train(args, log=print):
             actions = act(q_act, obs, eps, rng, env.num_actions)
             env.send(actions)
             while step >= next_update:  # one update per --train-freq agent steps, while the emulators run
-                x, a, r, term = replay.sample(args.batch_size, rng)
+                x, a, r, term = replay.sample(args.batch_size, rng)  # x: (B, 5, 84, 84) uint8; a, r, term: (B,)
                 loss, max_q = train_step(mx.array(x), mx.array(a), mx.array(r), mx.array(term, mx.float32))
                 mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
                 progress.update(loss.item(), max_q.item())
@@ -821,7 +825,7 @@ def train(args, log=print):
             obs, reward, terminated, truncated, done = env.recv()
             # Mnih et al. 2013, sec. 5: "we fixed all positive rewards to be 1 and all negative rewards to be -1,
             # leaving 0 rewards unchanged." The learner sees the clipped reward; the logs keep the real score.
-            replay.add(actions, np.clip(reward, -1, 1), terminated, obs[:, -1] if env.atari else obs, was_done)
+            replay.add(actions, np.clip(reward, -1, 1), terminated, env.newest_frame(obs), was_done)
             progress.agent_step(reward, done, ~was_done, eps)  # after a game over, a step only resets
             was_done = done & ~was_done
             prev, step = step, progress.step
