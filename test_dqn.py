@@ -1,52 +1,60 @@
-"""Tests for dqn.py: one small test per piece, then end-to-end runs. `pytest -q` runs them all (~3 min)."""
+"""Tests for dqn.py: one small test per piece, then end-to-end runs. `python -m pytest -q` runs them all."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import dqn  # first: it routes MLX's matmuls to OpenBLAS, which works only before MLX is loaded
+import dqn  # first: it routes MLX's matmuls to a fast BLAS, which works only before MLX is loaded
 
+import gymnasium as gym  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
-HERE = Path(__file__).parent
-
-
-def run_cli(*args, timeout=120):
-    """Runs dqn.py as a user would; returns (exit code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, str(HERE / "dqn.py"), *args], capture_output=True, text=True,
-                       timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
+QUIET = dict(log=lambda *_: None)
 
 
-def tiny_atari_args(tmp_path, *extra):
-    return dqn.parse_args(["--env", "ALE/Breakout-v5", "--total-steps", "300", "--learning-starts", "100",
-                           "--buffer-size", "1000", "--batch-size", "8", "--eval-every", "0",
-                           "--run-dir", str(tmp_path / "run"), *extra])
+def tiny_args(tmp_path, env="CartPole-v1", *extra):
+    return dqn.parse_args(["--env", env, "--total-steps", "400", "--learning-starts", "100", "--batch-size", "32",
+                           "--buffer-size", "1000", "--eval-every", "0", "--run-dir", str(tmp_path / "run"), *extra])
 
 
-def tiny_cartpole_args(tmp_path, *extra):
-    return dqn.parse_args(["--env", "CartPole-v1", "--total-steps", "400", "--learning-starts", "100",
-                           "--batch-size", "32",
-                           "--eval-every", "0", "--run-dir", str(tmp_path / "run"), *extra])
+def make_learner(seed=0, lr=1e-2, target_update=1):
+    args = tiny_args(Path("/tmp"), "CartPole-v1", "--seed", str(seed), "--lr", str(lr),
+                     "--target-update", str(target_update))
+    return dqn.make_learner(dqn.Env("CartPole-v1", 1, train=True), args)
 
 
-# ------------------------------------------------------------------------------------------- networks
-@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size", [(4, 16, 8, 4, 84), (16, 32, 4, 2, 20)])
-def test_strided_conv_equals_conv2d(in_ch, out_ch, kernel, stride, size):
+def batch(seed=0):  # CartPole-shaped: x (8, 2, 4) holds s and s'
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.normal(size=(8, 2, 4)).astype(np.float32))
+    return x, mx.array(rng.integers(2, size=8)), mx.array(rng.normal(size=8).astype(np.float32)), mx.zeros(8)
+
+
+def weights(model):
+    return [np.array(v) for _, v in tree_flatten(model.parameters())]
+
+
+# ------------------------------------------------------------------------------------------- BLAS, networks
+def test_blas_is_named_only_for_a_library_that_exports_sgemm():
+    # CDLL(None) opens this program and libm loads fine: neither is a BLAS.
+    assert dqn.load_blas([("A", None), ("B", "libno-such-blas.so"), ("C", "libm.so.6")]) is None
+    if dqn.BLAS == "OpenBLAS":
+        assert dqn.load_blas([("C", "libm.so.6"), ("OpenBLAS", "libopenblas.so.0")]) == "OpenBLAS"
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size", [(4, 32, 8, 4, 84), (16, 32, 4, 2, 20)])
+def test_strided_conv_equals_conv2d_and_starts_like_it(in_ch, out_ch, kernel, stride, size):
     conv = dqn.StridedConv(in_ch, out_ch, kernel, stride)
+    conv.bias = mx.random.normal((out_ch,))
     x = mx.random.normal((2, size, size, in_ch))
-    expected = mx.conv2d(x, conv.weight, stride=stride) + conv.bias
-    assert conv(x).shape == expected.shape
-    assert mx.allclose(conv(x), expected, atol=1e-4).item()
+    assert mx.allclose(conv(x), mx.conv2d(x, conv.weight, stride=stride) + conv.bias, atol=1e-4).item()
+    assert (dqn.StridedConv(in_ch, out_ch, kernel, stride).bias == 0).all().item()  # as nn.Conv2d's
 
 
 @pytest.mark.parametrize("arch,params", [("nips", 677_686), ("nature", 1_687_206)])
@@ -54,34 +62,29 @@ def test_atari_network_shapes(arch, params):
     q = dqn.AtariQNetwork(6, arch)
     out = q(mx.array(np.full((3, 4, 84, 84), 255, np.uint8)))
     assert out.shape == (3, 6) and out.dtype == mx.float32
-    n = sum(v.size for _, v in tree_flatten(q.parameters()))
-    assert n == params  # nips: 4,112 + 8,224 + 663,808 (2592*256+256) + 1,542 (256*6+6)
+    assert sum(v.size for _, v in tree_flatten(q.parameters())) == params  # nips: 2592*256+256 = 663,808 of it
+    assert dqn.MLPQNetwork(4, 2)(mx.zeros((5, 1, 4))).shape == (5, 2)
 
 
 def test_network_scales_pixels_to_unit_range():
-    q = dqn.AtariQNetwork(2, "nips")
-    img = np.random.default_rng(0).integers(0, 256, (1, 4, 84, 84), dtype=np.uint8)
-    as_float = mx.array(img.astype(np.float32))  # the same pixels as float: identical output
-    assert mx.allclose(q(mx.array(img)), q(as_float)).item()
-
-
-def test_mlp_network_shapes():
-    q = dqn.MLPQNetwork(4, 2)
-    assert q(mx.zeros((5, 1, 4))).shape == (5, 2)
-    assert q(mx.zeros((5, 4))).shape == (5, 2)
+    q, seen = dqn.AtariQNetwork(2, "nips"), []
+    first = q.convs[0]
+    q.convs[0] = lambda x: seen.append(x) or first(x)
+    q(mx.array(np.full((1, 4, 84, 84), 255, np.uint8)))
+    assert seen[0].shape == (1, 84, 84, 4) and seen[0].max().item() == 1.0
 
 
 # ------------------------------------------------------------------------------------------- replay
-def fill(replay, steps, value_of, terminated_at=(), reset_after_terminal=True):
-    """Drives a Replay like the training loop does: frame value_of(e, t) at agent step t for env e."""
+def fill(replay, steps, value_of, terminated_at=()):
+    """Feeds frame value_of(e, t) at step t; a terminal step is followed by a new game, as Env reports it."""
     n = replay.num_envs
     replay.start(np.array([[value_of(e, 0)] for e in range(n)]))
-    was_done = np.zeros(n, bool)
+    new_game = np.zeros(n, bool)
     for t in range(1, steps):
         term = np.array([(e, t) in terminated_at for e in range(n)])
-        frame = np.array([[value_of(e, t)] for e in range(n)])
-        replay.add(np.full(n, t - 1), np.full(n, float(t - 1)), term, frame, was_done)
-        was_done = term if reset_after_terminal else np.zeros(n, bool)
+        replay.add(np.full(n, t - 1), np.full(n, t - 1.0), term, np.array([[value_of(e, t)] for e in range(n)]),
+                   new_game)
+        new_game = term
 
 
 def all_samples(replay):
@@ -90,168 +93,154 @@ def all_samples(replay):
     return {int(row[-2, 0]): (row[:, 0].tolist(), int(ai), bool(ti)) for row, ai, ti in zip(x, a, term, strict=True)}
 
 
-def test_replay_rebuilds_stacks_and_hides_previous_episode():
+def test_replay_rebuilds_stacks_and_hides_previous_game():
     replay = dqn.Replay(8, 1, (1,), np.int64, stack=4)
-    # Frames 1..6; the step that shows frame 4 is terminal; frame 5 starts a new episode.
-    fill(replay, 6, lambda e, t: t + 1, terminated_at={(0, 3)})
+    fill(replay, 6, lambda e, t: t + 1, terminated_at={(0, 3)})  # frame 4 ends a game; frame 5 starts one
     got = all_samples(replay)
-    assert set(got) == {1, 2, 3, 5}  # frame 4 ended the episode: no transition starts from it
+    assert set(got) == {1, 2, 3, 5}  # no transition starts from the last frame of a game
     assert got[1] == ([0, 0, 0, 1, 2], 0, False)  # zeros before the first frame, as the env shows
     assert got[3] == ([0, 1, 2, 3, 4], 2, True)  # s' is the real terminal frame
-    assert got[5] == ([0, 0, 0, 5, 6], 4, False)  # frames 2..4 belong to the previous episode
+    assert got[5] == ([0, 0, 0, 5, 6], 4, False)  # frames 2..4 belong to the previous game
 
 
-def test_replay_wraps_around_and_skips_overwritten_history():
+def test_replay_wraps_around_and_keeps_envs_apart():
     replay = dqn.Replay(8, 1, (1,), np.int64, stack=4)
     fill(replay, 13, lambda e, t: t + 1)  # 13 frames in 8 slots: frames 6..13 remain
-    assert len(replay) == 8
     got = all_samples(replay)
-    # 6, 7, 8 lost their history to the overwrite; 13 has no successor yet.
-    assert set(got) == {9, 10, 11, 12}
-    assert got[9][0] == [6, 7, 8, 9, 10]
-    assert got[12][0] == [9, 10, 11, 12, 13]
-
-
-def test_replay_keeps_parallel_envs_apart():
+    assert set(got) == {9, 10, 11, 12} and got[9][0] == [6, 7, 8, 9, 10]  # 6..8 lost their history
     replay = dqn.Replay(16, 2, (1,), np.int64, stack=4)
     fill(replay, 7, lambda e, t: 100 * e + t + 1, terminated_at={(1, 2)})
-    for newest, (frames, _, _) in all_samples(replay).items():
-        env = newest // 100
-        assert all(f == 0 or f // 100 == env for f in frames), frames
-    assert all_samples(replay)[104][0] == [0, 0, 0, 104, 105]  # env 1 restarted at frame 104
+    got = all_samples(replay)
+    assert all(f == 0 or f // 100 == newest // 100 for newest, (frames, _, _) in got.items() for f in frames)
+    assert got[104][0] == [0, 0, 0, 104, 105]  # env 1 restarted at frame 104
 
 
 def test_replay_truncation_still_bootstraps():
-    # A time limit ends the game (next step is a reset) without terminated: the last transition is
-    # kept with terminated=False, so its target bootstraps from the real last observation.
-    replay = dqn.Replay(8, 1, (1,), np.int64, stack=1)
-    replay.start(np.array([[1]]))
-    replay.add(np.array([0]), np.array([1.0]), np.array([False]), np.array([[2]]), np.array([False]))
-    replay.add(np.array([0]), np.array([0.0]), np.array([False]), np.array([[3]]), np.array([True]))
-    x, a, r, term = replay.sample(10, np.random.default_rng(0))
-    assert (x[:, :, 0] == [1, 2]).all() and not term.any()
+    replay = dqn.Replay(8, 1, (1,), np.int64, stack=1)  # a time limit: game over without `terminated`
+    fill(replay, 4, lambda e, t: t + 1)
+    replay.add(np.array([0]), np.array([0.0]), np.array([False]), np.array([[9]]), np.array([True]))
+    x, _, _, term = replay.sample(20, np.random.default_rng(0))
+    assert set(map(tuple, x[:, :, 0].tolist())) == {(1, 2), (2, 3), (3, 4)} and not term.any()
+    assert 7.0e9 < dqn.Replay.nbytes(1_000_000, (84, 84), np.uint8) < 7.2e9  # a million Atari transitions
 
 
-def test_replay_memory_for_one_million_atari_transitions():
-    assert 7.0e9 < dqn.Replay.nbytes(1_000_000, (84, 84), np.uint8) < 7.2e9
+def test_replay_rebuilds_the_stacks_the_agent_acted_on(tmp_path, monkeypatch):
+    """The real loop on a real Atari env: 2 envs, a buffer that wraps 5 times, lives lost and games over."""
+    seen, replays, real_act = [], [], dqn.act
+
+    class Recorded(dqn.Replay):
+        def __init__(self, *args):
+            super().__init__(*args)
+            replays.append(self)
+
+    monkeypatch.setattr(dqn, "act", lambda q, obs, *a: seen.append(obs.copy()) or real_act(q, obs, *a))
+    monkeypatch.setattr(dqn, "Replay", Recorded)
+    dqn.train(tiny_args(tmp_path, "ALE/Breakout-v5", "--num-envs", "2", "--buffer-size", "400",
+                        "--total-steps", "2000", "--batch-size", "8"), **QUIET)
+    replay, checked = replays[0], 0
+    for k in range(len(seen) - replay.slots + replay.stack, len(seen) - 1):  # iteration k wrote slot k % slots
+        for e in range(2):
+            if replay.valid[k % replay.slots, e]:
+                x, _, _, _ = replay.gather(np.array([k % replay.slots]), np.array([e]))
+                assert (x[0, :-1] == seen[k][e]).all() and (x[0, 1:] == seen[k + 1][e]).all()
+                checked += 1
+    assert checked > 300 and replay.terminated.sum() > 3 and replay.first.sum() >= 1  # inside the window
 
 
 # ------------------------------------------------------------------------------------------- epsilon, act
-def test_epsilon_schedule():
-    assert dqn.epsilon(0, 1.0, 0.1, 1000) == 1.0
-    assert dqn.epsilon(500, 1.0, 0.1, 1000) == pytest.approx(0.55)
-    assert dqn.epsilon(1000, 1.0, 0.1, 1000) == pytest.approx(0.1)
-    assert dqn.epsilon(10**9, 1.0, 0.1, 1000) == pytest.approx(0.1)
+def test_epsilon_decays_from_learning_start():
+    args = dqn.parse_args(["--env", "ALE/Pong-v5", "--learning-starts", "100", "--eps-decay-steps", "1000"])
+    assert dqn.epsilon(0, args) == dqn.epsilon(100, args) == 1.0
+    assert dqn.epsilon(600, args) == pytest.approx(0.55)
+    assert dqn.epsilon(1100, args) == pytest.approx(0.1) == dqn.epsilon(10**9, args)
 
 
 def test_act_is_greedy_at_zero_epsilon_and_random_at_one():
-    q = dqn.MLPQNetwork(3, 4)
-    obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    q, obs = dqn.MLPQNetwork(3, 4), np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
     greedy = np.array(mx.argmax(q(mx.array(obs)), axis=1))
     assert (dqn.act(q, obs, 0.0, np.random.default_rng(1), 4) == greedy).all()
-    random_actions = dqn.act(q, obs, 1.0, np.random.default_rng(1), 4)
-    assert set(random_actions.tolist()) == {0, 1, 2, 3}
+    assert set(dqn.act(q, obs, 1.0, np.random.default_rng(1), 4).tolist()) == {0, 1, 2, 3}
 
 
 def test_compiled_q_follows_weight_updates():
-    q, target, opt, step = make_learner(True)
-    q_act, x = dqn.compiled_q(q), batch(0)[0][:, 0]
-    assert mx.allclose(q_act(x), q(x)).item()
+    q, target, opt = make_learner()
+    step, q_act, x = dqn.make_train_step(q, target, opt, 0.99, False), dqn.compiled_q(q), batch()[0][:, 0]
+    before = np.array(q_act(x))
     for i in range(3):
         step(*batch(i))
-    assert mx.allclose(q_act(x), q(x), atol=1e-6).item()  # the new weights, not the ones first traced
+    assert not np.allclose(before, q(x)) and mx.allclose(q_act(x), q(x), atol=1e-6).item()
 
 
 # ------------------------------------------------------------------------------------------- learning step
-def test_td_target_terminal_removes_bootstrap():
+def test_td_target_terminal_and_double():
     q_next = mx.array([[1.0, 3.0], [2.0, 5.0]])
     y = dqn.td_target(q_next, None, mx.array([1.0, 1.0]), mx.array([0.0, 1.0]), 0.5, double=False)
-    assert y.tolist() == [1.0 + 0.5 * 3.0, 1.0]
+    assert y.tolist() == [1.0 + 0.5 * 3.0, 1.0]  # a terminal s' removes the bootstrap
+    y = dqn.td_target(q_next, mx.array([[9.0, 0.0], [0.0, 9.0]]), mx.zeros(2), mx.zeros(2), 1.0, double=True)
+    assert y.tolist() == [1.0, 5.0]  # the online net picks a', the target net values it
 
 
-def test_double_dqn_target_uses_online_argmax():
-    q_target = mx.array([[1.0, 3.0]])
-    q_online = mx.array([[9.0, 0.0]])  # online net picks action 0, valued by the target net at 1.0
-    y = dqn.td_target(q_target, q_online, mx.array([0.0]), mx.array([0.0]), 1.0, double=True)
-    assert y.tolist() == [1.0]
-
-
-def make_learner(compile, seed=0):
-    mx.random.seed(seed)
-    q, target = dqn.MLPQNetwork(3, 2), dqn.MLPQNetwork(3, 2)
-    dqn.sync_target(q, target)
-    opt = optim.Adam(learning_rate=1e-2)
-    opt.init(q.trainable_parameters())
-    return q, target, opt, dqn.make_train_step(q, target, opt, 0.99, False, compile=compile)
-
-
-def batch(seed=0):
-    rng = np.random.default_rng(seed)
-    x = mx.array(rng.normal(size=(8, 2, 3)).astype(np.float32))
-    return x, mx.array(rng.integers(2, size=8)), mx.array(rng.normal(size=8).astype(np.float32)), mx.zeros(8)
+def test_adam_is_bias_corrected():
+    q, target, opt = make_learner(lr=1e-3)
+    w0 = np.array(q.layers[0].weight)
+    opt.update(q, tree_map(mx.ones_like, q.parameters()))  # a constant gradient
+    assert np.allclose(w0 - np.array(q.layers[0].weight), 1e-3, rtol=1e-3)  # 3.2x the lr without correction
 
 
 def test_compiled_step_equals_eager_step():
     results = []
     for compiled in (True, False):
-        q, target, opt, step = make_learner(compiled)
+        q, target, opt = make_learner()
+        step = dqn.make_train_step(q, target, opt, 0.99, False, compile=compiled)
         losses = [step(*batch(i))[0].item() for i in range(3)]  # 3 steps: Adam's state must carry over
-        results.append((losses, q(batch(9)[0][:, 0])))
-    assert np.allclose(results[0][0], results[1][0], atol=1e-5)
-    assert mx.allclose(results[0][1], results[1][1], atol=1e-5).item()
+        results.append((losses, np.array(q(batch(9)[0][:, 0]))))
+    assert np.allclose(results[0][0], results[1][0], atol=1e-5) and np.allclose(results[0][1], results[1][1], atol=1e-5)
 
 
 def test_target_changes_only_on_sync():
-    q, target, opt, step = make_learner(True)
-    before = [np.array(v) for _, v in tree_flatten(target.parameters())]
+    q, target, opt = make_learner()
+    step, before = dqn.make_train_step(q, target, opt, 0.99, False), weights(target)
     for i in range(3):
         step(*batch(i))
-        mx.eval(q.state, opt.state)
-    after = [np.array(v) for _, v in tree_flatten(target.parameters())]
-    assert all((b == a).all() for b, a in zip(before, after, strict=True))
-    assert not mx.allclose(q.layers[0].weight, target.layers[0].weight).item()
+    assert all((b == a).all() for b, a in zip(before, weights(target), strict=True))
     dqn.sync_target(q, target)
-    assert mx.array_equal(q.layers[0].weight, target.layers[0].weight).item()
-    # The compiled step must read the *new* target weights, not the ones it first saw.
-    x, a, r, term = batch(6)
+    assert all((b == a).all() for b, a in zip(weights(q), weights(target), strict=True))
+    x, a, r, term = batch(6)  # the compiled step must read the *new* target weights
     y = dqn.td_target(target(x[:, 1:]), None, r, term, 0.99, False)
     expected = nn.losses.huber_loss(mx.take_along_axis(q(x[:, :-1]), a[:, None], 1)[:, 0], y, reduction="mean")
     assert mx.allclose(step(x, a, r, term)[0], expected, atol=1e-5).item()
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip(tmp_path):
-    q, target, opt, step = make_learner(True)
-    step(*batch(0))
-    mx.eval(q.state, opt.state)
-    meta = {"env": "X", "arch": "mlp", "num_actions": 2, "step": 7}
-    dqn.save_checkpoint(tmp_path, q, target, opt, meta)
-    q2, target2, opt2, _ = make_learner(True, seed=1)
-    got = dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q2, target2, opt2,
-                              {"env": "X", "arch": "mlp", "num_actions": 2})
-    assert got["step"] == 7
-    x = batch(3)[0][:, 0]
-    assert mx.array_equal(q(x), q2(x)).item() and mx.array_equal(target(x), target2(x)).item()
-    state, state2 = dict(tree_flatten(opt.state)), dict(tree_flatten(opt2.state))
-    assert state.keys() == state2.keys() and all(mx.array_equal(state[k], state2[k]).item() for k in state)
-    # model.safetensors is plain MLX weights
-    q3 = dqn.MLPQNetwork(3, 2)
+IDENT = {"env": "CartPole-v1", "arch": "mlp", "num_actions": 2}
+
+
+def test_checkpoint_round_trip_keeps_the_new_lr(tmp_path):
+    q, target, opt = make_learner(lr=1e-3)
+    dqn.make_train_step(q, target, opt, 0.99, False)(*batch(0))
+    dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 7, 3, np.random.default_rng(0))
+    q2, target2, opt2 = make_learner(seed=1)
+    meta = dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q2, target2, opt2, IDENT, lr=5e-5)
+    assert meta["step"] == 7 and meta["full"] and opt2.learning_rate.item() == pytest.approx(5e-5)
+    assert all((a == b).all() for a, b in zip(weights(q) + weights(target), weights(q2) + weights(target2),
+                                              strict=True))
+    assert opt2.state["step"].item() == 1 and (opt2.state["layers"][0]["weight"]["v"] > 0).any().item()
+    q3 = dqn.MLPQNetwork(4, 2)  # model.safetensors is plain MLX weights
     q3.load_weights(str(tmp_path / "model.safetensors"))
-    assert mx.array_equal(q(x), q3(x)).item()
+    assert all((a == b).all() for a, b in zip(weights(q), weights(q3), strict=True))
 
 
-def test_load_rejects_other_network(tmp_path):
-    q, target, opt, _ = make_learner(True)
-    dqn.save_checkpoint(tmp_path, q, target, opt, {"env": "X", "arch": "nature", "num_actions": 9})
-    with pytest.raises(dqn.UserError, match="arch=nature, num_actions=9.*arch=nips, num_actions=4"):
-        dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q, target, opt,
-                            {"env": "X", "arch": "nips", "num_actions": 4})
+def test_load_without_target_network_keeps_the_online_weights(tmp_path):
+    q, target, opt = make_learner()
+    dqn.save_checkpoint(tmp_path, q, make_learner(seed=5)[0], opt, IDENT, 7, 3, np.random.default_rng(0))
+    q2, target2, opt2 = make_learner(seed=1, target_update=0)
+    dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q2, target2, opt2, IDENT, lr=1e-3)
+    assert target2 is q2 and all((a == b).all() for a, b in zip(weights(q), weights(q2), strict=True))
 
 
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    q, target, opt, _ = make_learner(True)
-    meta = {"env": "X", "arch": "mlp", "num_actions": 2, "step": 1}
-    dqn.save_checkpoint(tmp_path, q, target, opt, meta)
+    q, target, opt = make_learner()
+    dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 1, 0, np.random.default_rng(0))
 
     def disk_full(path, *args, **kwargs):
         Path(path).write_bytes(b"half a file")  # the write starts, then the disk fills up
@@ -259,119 +248,135 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dqn.mx, "save_safetensors", disk_full)
     with pytest.raises(dqn.UserError, match="No space left"):
-        dqn.save_checkpoint(tmp_path, q, target, opt, dict(meta, step=2))
+        dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 2, 0, np.random.default_rng(0))
     monkeypatch.undo()
-    got = dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q, target, opt,
-                              {"env": "X", "arch": "mlp", "num_actions": 2})
-    assert got["step"] == 1 and sorted(os.listdir(tmp_path)) == ["checkpoint.safetensors", "model.safetensors"]
+    assert dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q, target, opt, IDENT, 1e-3)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "model.safetensors"]
 
 
-# ------------------------------------------------------------------------------------------- evaluation
-def test_evaluate_uses_eval_epsilon_and_its_own_env(monkeypatch):
-    seen = []
-    real_act, real_env = dqn.act, dqn.Env
-    monkeypatch.setattr(dqn, "act", lambda q, obs, eps, rng, n: seen.append(eps) or real_act(q, obs, eps, rng, n))
-    envs = []
-    monkeypatch.setattr(dqn, "Env", lambda *a, **k: envs.append((a, k)) or real_env(*a, **k))
-    returns = dqn.evaluate(dqn.MLPQNetwork(4, 2), "CartPole-v1", 3, seed=0)
-    assert len(returns) == 3 and (returns >= 8).all()  # CartPole scores 1 per step; it cannot end sooner
-    assert set(seen) == {0.05} and envs == [(("CartPole-v1", 3), {"train": False})]
+# ------------------------------------------------------------------------------------------- environments
+def test_new_game_is_seen_when_a_life_is_lost_on_the_capping_frame():
+    gym.register("BreakoutCap84-v0", entry_point="ale_py.env:AtariEnv",
+                 kwargs=dict(game="breakout", max_num_frames_per_episode=84, repeat_action_probability=0.0))
+    env = dqn.Env("BreakoutCap84-v0", 1, train=True)
+    env.reset(seed=0)
+    steps = [env.step(np.zeros(1, int)) for _ in range(40)]  # NOOP: the ball is never launched twice
+    env.close()
+    ended = next(i for i, (_, _, term, _) in enumerate(steps) if term[0])  # a life lost at the frame cap
+    assert [s[3][0] for s in steps[:ended + 2]] == [False] * (ended + 1) + [True]
+    assert (steps[ended + 1][0][0, :3] == 0).all()  # a fresh game: no frames before its first
 
 
 def test_atari_eval_env_has_no_life_loss_signal():
-    env = dqn.Env("ALE/Breakout-v5", 1, train=False)
+    env, rng = dqn.Env("ALE/Breakout-v5", 1, train=False), np.random.default_rng(0)
     env.reset(seed=0)
-    lives_lost, rng = 0, np.random.default_rng(0)
-    for _ in range(2000):
-        _, _, terminated, _, done = env.step(rng.integers(4, size=1))
-        assert terminated[0] == done[0]  # only game over ends an evaluation episode
-        lives_lost += done[0]
+    steps = [env.step(rng.integers(4, size=1))[2:] for _ in range(1500)]
     env.close()
-    assert lives_lost >= 1
+    terminated, new_game = (np.array([s[i][0] for s in steps]) for i in (0, 1))
+    assert new_game.sum() >= 2 and (new_game[1:] == terminated[:-1]).all()  # game overs only, no lost lives
+
+
+class BigReward(gym.Env):  # rewards of 5 per step: clipping would turn them into 1
+    observation_space, action_space = gym.spaces.Box(-1, 1, (2,), np.float32), gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(2, np.float32), 5.0, self.t >= 10, False, {}
+
+
+@pytest.mark.parametrize("flags,learned", [([], 5.0), (["--clip-rewards"], 1.0)])
+def test_rewards_are_clipped_on_atari_only(tmp_path, monkeypatch, flags, learned):
+    gym.register("BigReward-v0", entry_point=BigReward)
+    added, real_add = [], dqn.Replay.add
+    monkeypatch.setattr(dqn.Replay, "add", lambda self, a, r, *rest: added.append(r) or real_add(self, a, r, *rest))
+    dqn.train(tiny_args(tmp_path, "BigReward-v0", "--total-steps", "120", *flags), **QUIET)
+    assert {float(r[0]) for r in added} == {learned, 0.0}  # 0: the steps that only start a new game
+    assert ",50,10," in (tmp_path / "run" / "metrics.csv").read_text()  # the log keeps the real score
+    assert dqn.parse_args(["--env", "ALE/Pong-v5"]).clip_rewards
+
+
+def test_evaluate_uses_eval_epsilon_and_its_own_env(monkeypatch):
+    seen, envs, real_act, real_env = [], [], dqn.act, dqn.Env
+    monkeypatch.setattr(dqn, "act", lambda q, obs, eps, rng, n: seen.append(eps) or real_act(q, obs, eps, rng, n))
+    monkeypatch.setattr(dqn, "Env", lambda *a, **k: envs.append((a, k)) or real_env(*a, **k))
+    returns = dqn.evaluate(dqn.MLPQNetwork(4, 2), "CartPole-v1", 3, seed=0, eps=0.25)
+    assert len(returns) == 3 and (returns >= 8).all()  # CartPole scores 1 per step; it cannot end sooner
+    assert set(seen) == {0.25} and envs == [(("CartPole-v1", 3), {"train": False})]
 
 
 # ------------------------------------------------------------------------------------------- end to end
 def test_atari_end_to_end_writes_files(tmp_path):
-    args = tiny_atari_args(tmp_path, "--eval-every", "200", "--eval-episodes", "2")
-    out = dqn.train(args, log=lambda *_: None)
+    out = dqn.train(tiny_args(tmp_path, "ALE/Breakout-v5", "--eval-every", "200", "--eval-episodes", "2",
+                              "--batch-size", "8"), **QUIET)
     run = tmp_path / "run"
-    assert out["step"] >= 300 and len(out["losses"]) > 10 and np.isfinite(out["losses"]).all()
-    assert {"config.json", "metrics.csv", "eval.csv", "model.safetensors", "checkpoint.safetensors"} <= set(
-        os.listdir(run))
+    assert out["step"] == 400 and [e["step"] for e in out["evals"]] == [200, 400]
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "eval.csv", "model.safetensors",
+                                                "checkpoint.safetensors"}
     assert json.loads((run / "config.json").read_text())["env"] == "ALE/Breakout-v5"
-    header = (run / "metrics.csv").read_text().splitlines()[0]
-    assert header == "step,episode,episodic_return,episode_length,epsilon,loss,avg_max_q"
-    assert (run / "eval.csv").read_text().splitlines()[0] == "step,mean_return,std_return,episodes,avg_max_q"
+    assert (run / "metrics.csv").read_text().startswith("step,episode,episodic_return,episode_length,epsilon,loss")
 
 
 def test_parallel_envs_count_every_agent_step(tmp_path):
-    out = dqn.train(tiny_cartpole_args(tmp_path, "--num-envs", "3", "--eval-every", "200", "--eval-episodes", "2"),
-                    log=lambda *_: None)
-    assert 400 <= out["step"] < 403
-    steps = [e["step"] for e in out["evals"]]
-    assert len(steps) == len(set(steps)) == 2  # at 200 and at 400 (+ up to 2): the final one is not repeated
+    out = dqn.train(tiny_args(tmp_path, "CartPole-v1", "--num-envs", "3", "--eval-every", "200",
+                              "--eval-episodes", "2"), **QUIET)
+    assert 400 <= out["step"] < 403 and len(out["evals"]) == 2  # at 200 and 400 (+ up to 2), not repeated
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
-    lengths = sum(int(r.split(",")[3]) for r in rows)
-    assert out["episodes"] == len(rows) and lengths <= out["step"]  # finished games account for steps taken
+    assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
 
 
-@pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"]])
-def test_2013_and_double_dqn_variants_train(tmp_path, flags):
-    out = dqn.train(tiny_cartpole_args(tmp_path, *flags), log=lambda *_: None)
-    assert 299 <= len(out["losses"]) <= 301 and np.isfinite(out["losses"]).all()  # one update per step from 100
+@pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], []])
+def test_variants_train_and_same_seed_repeats(tmp_path, flags):
+    runs = [dqn.train(tiny_args(tmp_path / d, "CartPole-v1", *flags), **QUIET)["run_dir"] for d in "ab"]
+    loaded = [mx.load(str(r / "model.safetensors")) for r in runs]
+    assert all(mx.array_equal(loaded[0][k], loaded[1][k]).item() for k in loaded[0])
 
 
-def test_same_seed_gives_identical_losses(tmp_path):
-    first = dqn.train(tiny_cartpole_args(tmp_path / "a"), log=lambda *_: None)["losses"]
-    second = dqn.train(tiny_cartpole_args(tmp_path / "b"), log=lambda *_: None)["losses"]
-    assert len(first) >= 100 and first[:100] == second[:100]
-
-
-def test_resume_continues_step_and_epsilon(tmp_path):
-    dqn.train(tiny_cartpole_args(tmp_path), log=lambda *_: None)
+def test_resume_continues_step_epsilon_and_files(tmp_path, monkeypatch):
+    dqn.train(tiny_args(tmp_path), **QUIET)
+    monkeypatch.chdir(tmp_path)
     lines = []
-    out = dqn.train(tiny_cartpole_args(tmp_path, "--total-steps", "700", "--load",
-                                       str(tmp_path / "run" / "checkpoint.safetensors")), log=lines.append)
-    assert any("resumed at step 400" in line for line in lines)
-    assert 700 <= out["step"] < 710
-    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
-    eps_after = [float(r.split(",")[4]) for r in rows if int(r.split(",")[0]) > 400]
-    assert eps_after and max(eps_after) < dqn.epsilon(400, 1.0, 0.05, 10_000) + 1e-9  # did not restart at 1.0
+    args = tiny_args(tmp_path, "CartPole-v1", "--total-steps", "700", "--load", str(tmp_path / "run" /
+                                                                                   "checkpoint.safetensors"))
+    args.run_dir = None  # resumes into the checkpoint's own directory
+    out = dqn.train(args, log=lines.append)
+    assert any("resumed at step 400" in line for line in lines) and 700 <= out["step"] < 710
+    assert out["run_dir"] == tmp_path / "run" and not (tmp_path / "runs").exists()
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 400  # one header, appended rows
+    assert max(float(r.split(",")[4]) for r in rows[1:]) <= 1.0 and dqn.epsilon(400, args) < 1.0
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     real = dqn.make_train_step
-
-    def poisoned(*a, **k):
-        step = real(*a, **k)
-        return lambda *b: (step(*b)[0] * mx.array(float("nan")), mx.array(0.0))
-
-    monkeypatch.setattr(dqn, "make_train_step", poisoned)
+    monkeypatch.setattr(dqn, "make_train_step", lambda *a, **k: lambda *b: (real(*a, **k)(*b)[0] * np.nan,
+                                                                             mx.array(0.0)))
     with pytest.raises(dqn.UserError, match=r"loss became nan \(Q 0.0\) at step 100; the last good checkpoint"):
-        dqn.train(tiny_cartpole_args(tmp_path, "--save-every", "30"), log=lambda *_: None)
-    meta = json.loads(mx.load(str(tmp_path / "run" / "checkpoint.safetensors"), return_metadata=True)[1]["dqn"])
-    assert meta["step"] == 90  # the NaN came at the first update (step 100): the last save stays
+        dqn.train(tiny_args(tmp_path, "CartPole-v1", "--save-every", "30"), **QUIET)
+    assert json.loads(mx.load(str(tmp_path / "run" / "checkpoint.safetensors"), return_metadata=True)[1]["dqn"]
+                      )["step"] == 90
 
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    dqn.train(tiny_cartpole_args(tmp_path, "--eval-every", "200", "--plot"), log=lambda *_: None)
+    dqn.train(tiny_args(tmp_path, "CartPole-v1", "--eval-every", "200", "--plot"), **QUIET)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cartpole_learns_with_default_flags(tmp_path):
     """The README's promise: CartPole-v1 with the defaults reaches an evaluation average of 195 in 50k steps."""
-    out = dqn.train(dqn.parse_args(["--env", "CartPole-v1", "--run-dir", str(tmp_path / "run")]),
-                    log=lambda *_: None)
-    best = max(e["mean_return"] for e in out["evals"])
-    assert out["step"] == 50_000 and best >= 195, [e["mean_return"] for e in out["evals"]]
+    out = dqn.train(dqn.parse_args(["--env", "CartPole-v1", "--run-dir", str(tmp_path / "run")]), **QUIET)
+    assert out["step"] == 50_000 and max(e["mean_return"] for e in out["evals"]) >= 195, out["evals"]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, str(HERE / "dqn.py"), "--env", "CartPole-v1", "--total-steps",
-                          "10000000", "--save-every", "0", "--eval-every", "0", "--run-dir", str(run)],
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dqn.py"), "--env", "CartPole-v1",
+                          "--total-steps", "10000000", "--save-every", "0", "--eval-every", "0", "--run-dir", str(run)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (run / "metrics.csv").exists():
@@ -379,19 +384,20 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     time.sleep(2)  # let it play and learn a little
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == code, err
-    assert "Traceback" not in err and "checkpoint saved" in out
-    episodes = len((run / "metrics.csv").read_text().splitlines()) - 1
-    lines = []
-    args = tiny_cartpole_args(tmp_path, "--total-steps", "100000000", "--load", str(run / "checkpoint.safetensors"))
-    saved = json.loads(mx.load(args.load, return_metadata=True)[1]["dqn"])
-    args.total_steps = saved["step"] + 50
-    out = dqn.train(args, log=lines.append)
-    assert any(f"resumed at step {saved['step']:,}" in line for line in lines)
-    assert saved["step"] > 0 and out["episodes"] >= saved["episodes"] == episodes  # metrics were flushed
+    assert p.returncode == code and "Traceback" not in err and "checkpoint saved" in out, err
+    saved = json.loads(mx.load(str(run / "checkpoint.safetensors"), return_metadata=True)[1]["dqn"])
+    assert saved["step"] > 0 and saved["episodes"] == len((run / "metrics.csv").read_text().splitlines()) - 1
 
 
 # ------------------------------------------------------------------------------------------- bad input
+def run_main(capsys, *argv):
+    try:
+        code = dqn.main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--env", "ALE/NoSuchGame-v5"], "unknown environment id 'ALE/NoSuchGame-v5'"),
     (["--env", "ALE/Pacmn-v5"], "did you mean ALE/Pacman-v5?"),
@@ -401,58 +407,39 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     (["--env", "CartPole-v1", "--eps-end", "1.5"], "argument --eps-end"),
     (["--env", "CartPole-v1", "--gamma", "-0.1"], "argument --gamma"),
     (["--env", "CartPole-v1", "--learning-starts", "10"], "argument --learning-starts"),
-    (["--env", "ALE/Pong-v5", "--buffer-size", "10000000"], "needs 70.7 GB"),
+    (["--env", "ALE/Pong-v5", "--buffer-size", "10000000"], "needs 70.7 GB but 8.0 GB is available"),
     (["--env", "CartPole-v1", "--eval-only"], "argument --load"),
+    (["--env", "CartPole-v1", "--load", "/no/such.safetensors"], "no such file"),
 ])
-def test_bad_input_is_one_line(argv, message):
-    code, out, err = run_cli(*argv, "--run-dir", "/tmp/dqn-test-never-written")
-    assert code == 2 and message in err, err
-    assert err.startswith("dqn.py: error:") or "usage:" in err
-    assert "Traceback" not in err
+def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(dqn, "memory_available", lambda: 8e9)  # the same answer on any machine
+    code, err = run_main(capsys, *argv, "--run-dir", "/tmp/dqn-test-never-written")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not Path("/tmp/dqn-test-never-written").exists()
 
 
-def test_load_errors_are_one_line(tmp_path):
-    junk = tmp_path / "junk.safetensors"
-    junk.write_text("not a checkpoint")
-    missing = tmp_path / "missing.safetensors"
-    q, target, opt, _ = make_learner(True)
-    dqn.save_checkpoint(tmp_path, q, target, opt, {"env": "CartPole-v1", "arch": "mlp", "num_actions": 2})
-    truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes((tmp_path / "checkpoint.safetensors").read_bytes()[:3000])
-    wrong = tmp_path / "model.safetensors"  # a 3-input network: CartPole has 4 inputs
-    for path, message in [(junk, "not a readable safetensors file"), (missing, "no such file"),
-                          (truncated, "not a readable safetensors file"), (wrong, "does not match the network")]:
-        code, _, err = run_cli("--env", "CartPole-v1", "--eval-only", "--load", str(path))
-        assert code == 2 and message in err and str(path) in err and "Traceback" not in err
+def test_load_errors_are_one_line(tmp_path, capsys):
+    q, target, opt = make_learner()
+    dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 1, 0, np.random.default_rng(0))
+    (tmp_path / "junk.safetensors").write_text("not a checkpoint")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "checkpoint.safetensors").read_bytes()[:3000])
+    for name, message in [("junk", "not a readable safetensors file"), ("cut", "not a readable safetensors file"),
+                          ("checkpoint", "saved for env=CartPole-v1, arch=mlp, num_actions=2, but this run has")]:
+        path = str(tmp_path / f"{name}.safetensors")
+        code, err = run_main(capsys, "--env", "Acrobot-v1", "--eval-only", "--load", path)
+        assert code == 2 and message in err and path in err and "Traceback" not in err, err
 
 
-def test_unwritable_run_dir_is_one_line(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    code, _, err = run_cli("--env", "CartPole-v1", "--run-dir", str(blocker / "run"))
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, err = run_main(capsys, "--env", "CartPole-v1", "--run-dir", str(tmp_path / "file" / "run"))
     assert code == 1 and err.startswith("dqn.py: error: run dir") and "Traceback" not in err
 
 
-def test_image_env_that_is_not_atari_is_refused():
-    import gymnasium as gym
-
-    gym.register("ImageTask-v0", entry_point="test_dqn:ImageTask")
+def test_image_task_and_missing_package_are_refused():
+    gym.register("ImageTask-v0", entry_point=lambda: type("Img", (gym.Env,), dict(
+        observation_space=gym.spaces.Box(0, 255, (32, 32, 3), np.uint8), action_space=gym.spaces.Discrete(2)))())
     with pytest.raises(dqn.UserError, match="supported are Atari games and tasks with a flat vector"):
         dqn.Env("ImageTask-v0", 1, train=True)
-
-
-class ImageTask:  # a minimal non-Atari env with image observations, for the test above
-    def __new__(cls, **kwargs):
-        import gymnasium as gym
-
-        class _Env(gym.Env):
-            observation_space = gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
-            action_space = gym.spaces.Discrete(2)
-
-        return _Env()
-
-
-def test_missing_optional_package_is_one_line():
     with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
         dqn.require("no_such_pkg_xyz")
-    assert dqn.video_packages("ALE/Breakout-v5") == ("moviepy", "cv2")
