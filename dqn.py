@@ -220,6 +220,21 @@ class StridedConv(nn.Module):
         return y  # (B, oh, ow, O)
 
 
+class Linear(nn.Module):
+    """nn.Linear's function and init, with the weight stored (in, out): y = x @ W + b. nn.Linear's (out, in)
+    weight gets a transposed gradient, and MLX's CPU runs elementwise ops (Adam) on a transposed array about
+    15x slower than on a contiguous one: this layout makes the 2015 network's update 25% faster (README)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        scale = in_dim ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (in_dim, out_dim))
+        self.bias = mx.random.uniform(-scale, scale, (out_dim,))
+
+    def __call__(self, x):
+        return x @ self.weight + self.bias
+
+
 class AtariQNetwork(nn.Module):
     """Mnih et al. 2013, sec. 4.1: "The first hidden layer convolves 16 8x8 filters with stride 4 [...] The
     second hidden layer convolves 32 4x4 filters with stride 2 [...] The final hidden layer is fully-connected
@@ -237,8 +252,8 @@ class AtariQNetwork(nn.Module):
         strided = StridedConv if mx.default_device() == mx.cpu else (lambda i, o, k, s: nn.Conv2d(i, o, k, s))
         self.convs = [strided(i, o, k, s) if s > 1 else nn.Conv2d(i, o, k)
                       for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
-        self.fc = nn.Linear(flat, hidden)
-        self.out = nn.Linear(hidden, num_actions)
+        self.fc = Linear(flat, hidden)
+        self.out = Linear(hidden, num_actions)
 
     def __call__(self, x):
         # Legend: B batch, 4 stacked frames. Pixels arrive as uint8 and become floats in [0, 1] only here.
@@ -255,7 +270,7 @@ class MLPQNetwork(nn.Module):
 
     def __init__(self, obs_dim, num_actions):
         super().__init__()
-        self.layers = [nn.Linear(obs_dim, 128), nn.Linear(128, 128), nn.Linear(128, num_actions)]
+        self.layers = [Linear(obs_dim, 128), Linear(128, 128), Linear(128, num_actions)]
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1).astype(mx.float32)  # (B, 1, obs_dim) -> (B, obs_dim)
@@ -889,22 +904,23 @@ def timed(fn, reps=20):
 
 
 def layer_profile(q, x):
-    """(name, forward ms, forward + backward ms) per layer of the Atari network at this batch. The backward
+    """(name, forward ms, forward + backward ms) per layer of the Atari network at this batch, uncompiled. The backward
     of the first layer computes its weight gradient only: its input is data and needs none."""
     x = x.transpose(0, 2, 3, 1).astype(mx.float32) / 255.0  # (B, 84, 84, 4), as the network's first line
     rows, layers = [], [(f"conv{i + 1}", c) for i, c in enumerate(q.convs)] + [("fc", q.fc), ("out", q.out)]
     for i, (name, layer) in enumerate(layers):
         x = x.reshape(x.shape[0], -1) if name == "fc" else x  # (B, 7, 7, 64) -> (B, 3136)
-        mx.eval(x)
+        params = layer.trainable_parameters()
 
-        def loss(params, inp, layer=layer):
-            layer.update(params)
+        def loss(p, inp, layer=layer):
+            layer.update(p)
             return layer(inp).sum()
 
-        grad, forward, params = mx.compile(mx.grad(loss, argnums=0 if i == 0 else (0, 1))), mx.compile(layer), \
-            layer.trainable_parameters()
-        rows.append((name, timed(lambda f=forward, x=x: mx.eval(f(x))),
+        grad = mx.grad(loss, argnums=0 if i == 0 else (0, 1))
+        mx.eval(x)
+        rows.append((name, timed(lambda f=layer, x=x: mx.eval(f(x))),
                      timed(lambda g=grad, p=params, x=x: mx.eval(g(p, x)))))
+        layer.update(params)  # grad left tracers in the layer
         x = nn.relu(layer(x))
     return rows
 
