@@ -55,6 +55,18 @@ def test_strided_conv_equals_conv2d_and_starts_like_it(in_ch, out_ch, kernel, st
     x = mx.random.normal((2, size, size, in_ch))
     assert mx.allclose(conv(x), mx.conv2d(x, conv.weight, stride=stride) + conv.bias, atol=1e-4).item()
     assert (dqn.StridedConv(in_ch, out_ch, kernel, stride).bias == 0).all().item()  # as nn.Conv2d's
+    # The hand-written gradient (block_conv's vjp) against MLX's own, for the input, weight and bias.
+    dy = mx.random.normal(conv(x).shape)
+
+    def grads(f):
+        return mx.grad(lambda x, w, b: (f(x, w, b) * dy).sum(), argnums=(0, 1, 2))(x, conv.weight, conv.bias)
+
+    def ours(x, w, b):
+        conv.update({"weight": w, "bias": b})
+        return conv(x)
+
+    for mine, theirs in zip(grads(ours), grads(lambda x, w, b: mx.conv2d(x, w, stride=stride) + b), strict=True):
+        assert mx.allclose(mine, theirs, rtol=1e-4, atol=1e-4).item()
 
 
 @pytest.mark.parametrize("arch,params", [("nips", 677_686), ("nature", 1_687_206)])
