@@ -176,20 +176,17 @@ def test_epsilon_decays_from_learning_start():
     assert dqn.epsilon(1100, args) == pytest.approx(0.1) == dqn.epsilon(10**9, args)
 
 
-def test_act_is_greedy_at_zero_epsilon_and_random_at_one():
-    q, obs = dqn.MLPQNetwork(3, 4), np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
-    greedy = np.array(mx.argmax(q(mx.array(obs)), axis=1))
-    assert (dqn.act(q, obs, 0.0, np.random.default_rng(1), 4) == greedy).all()
-    assert set(dqn.act(q, obs, 1.0, np.random.default_rng(1), 4).tolist()) == {0, 1, 2, 3}
-
-
-def test_compiled_q_follows_weight_updates():
+def test_act_is_greedy_at_zero_epsilon_random_at_one_and_follows_updates():
     q, target, opt = make_learner()
     step, q_act, x = dqn.make_train_step(q, target, opt, 0.99, False), dqn.compiled_q(q), batch()[0][:, 0]
     before = np.array(q_act(x))
     for i in range(3):
         step(*batch(i))
-    assert not np.allclose(before, q(x)) and mx.allclose(q_act(x), q(x), atol=1e-6).item()
+    assert not np.allclose(before, q(x)) and mx.allclose(q_act(x), q(x), atol=1e-6).item()  # not stale
+    obs = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    greedy = np.array(mx.argmax(q(mx.array(obs)), axis=1))
+    assert (dqn.act(q_act, obs, 0.0, np.random.default_rng(1), 2) == greedy).all()
+    assert set(dqn.act(q_act, obs, 1.0, np.random.default_rng(1), 2).tolist()) == {0, 1}
 
 
 def test_td_target_terminal_and_double():
@@ -337,7 +334,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert saved_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == 90
 
 
-def test_plot_writes_png(tmp_path):
+def test_plot_writes_png_and_a_missing_package_is_named(tmp_path):
+    with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
+        dqn.require("no_such_pkg_xyz")
     pytest.importorskip("matplotlib")
     dqn.train(tiny_args(tmp_path, "CartPole-v1", "--eval-every", "200", "--plot"), **QUIET)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -366,6 +365,11 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     assert saved["step"] > 0 and saved["episodes"] == len((run / "metrics.csv").read_text().splitlines()) - 1
 
 
+IMAGE = gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)  # an image task that is not Atari: refused
+gym.register("ImageTask-v0", entry_point=type("ImageTask", (gym.Env,), dict(
+    observation_space=IMAGE, action_space=gym.spaces.Discrete(2))))
+
+
 def run_main(capsys, *argv):
     try:
         code = dqn.main(list(argv))
@@ -378,6 +382,7 @@ def run_main(capsys, *argv):
     (["--env", "ALE/NoSuchGame-v5"], "unknown environment id 'ALE/NoSuchGame-v5'"),
     (["--env", "ALE/Pacmn-v5"], "did you mean ALE/Pacman-v5?"),
     (["--env", "Pendulum-v1"], "DQN needs discrete actions"),
+    (["--env", "ImageTask-v0"], "supported are Atari games and tasks with a flat vector observation"),
     (["--env", "CartPole-v1", "--total-steps", "0"], "argument --total-steps"),
     (["--env", "CartPole-v1", "--batch-size", "100", "--buffer-size", "50"], "argument --batch-size"),
     (["--env", "CartPole-v1", "--eps-end", "1.5"], "argument --eps-end"),
@@ -406,13 +411,3 @@ def test_load_and_run_dir_errors_are_one_line(tmp_path, capsys):
         assert code == 2 and message in err and path in err and "Traceback" not in err, err
     code, err = run_main(capsys, "--env", "CartPole-v1", "--run-dir", str(tmp_path / "cut.safetensors" / "x"))
     assert code == 1 and err.startswith("dqn.py: error: run dir") and "Traceback" not in err
-
-
-def test_image_task_and_missing_package_are_refused():
-    spaces = dict(observation_space=gym.spaces.Box(0, 255, (32, 32, 3), np.uint8),
-                  action_space=gym.spaces.Discrete(2))
-    gym.register("ImageTask-v0", entry_point=lambda: type("Img", (gym.Env,), spaces)())
-    with pytest.raises(dqn.UserError, match="supported are Atari games and tasks with a flat vector"):
-        dqn.Env("ImageTask-v0", 1, train=True)
-    with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
-        dqn.require("no_such_pkg_xyz")
