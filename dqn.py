@@ -30,9 +30,10 @@ Differences from the papers (paper -> ours -> why):
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
 - Frames: gray 110x84 cropped to 84x84 (2013) -> resized straight to 84x84, max over the last 2 frames of
   each skip (2015).
-- Strided convolutions on the CPU are computed as space-to-depth and one matrix product (StridedConv): the
-  same function on the same (out, kh, kw, in) weights, with a gradient several times faster on MLX's CPU.
-- Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (see CLASSIC_DEFAULTS).
+- Strided convolutions on the CPU are computed as space-to-depth and one matrix product with a hand-written
+  gradient (StridedConv): the same function and (out, kh, kw, in) weights, with a gradient several times
+  faster than nn.Conv2d's on MLX's CPU.
+- Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (see HYPERPARAMETERS).
 """
 
 import argparse
