@@ -875,11 +875,8 @@ def require(package):
         raise UserError(f"this option needs the package {package}: pip install {package}") from None
 
 
-def plot_run(run_dir):
-    """Training return, evaluation return and average max Q against agent steps, like the 2013 Figure 2."""
-    require("matplotlib").use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
-
+def read_run(run_dir):
+    """A run's metrics.csv and eval.csv, as functions from a column name to a numpy array."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.csv").exists():
         raise UserError(f"{run_dir} holds no metrics.csv: is it a run directory?")
@@ -888,9 +885,24 @@ def plot_run(run_dir):
         rows = list(csv.DictReader(open(run_dir / name))) if (run_dir / name).exists() else []
         return lambda col: np.array([float(r[col]) for r in rows if r.get(col) not in (None, "")])
 
-    train_rows, eval_rows = read("metrics.csv"), read("eval.csv")
+    return read("metrics.csv"), read("eval.csv")
+
+
+def last_100(returns):
+    """The mean of the last 100 training games at each game (Dopamine reports training returns)."""
+    return np.array([returns[max(0, i - 99):i + 1].mean() for i in range(len(returns))])
+
+
+def plot_run(run_dir):
+    """Training return, evaluation return and average max Q against agent steps, like the 2013 Figure 2."""
+    require("matplotlib").use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    train_rows, eval_rows = read_run(run_dir)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(train_rows("step"), train_rows("episodic_return"), ".", alpha=0.3)
+    axes[0].plot(train_rows("step"), train_rows("episodic_return"), ".", alpha=0.3, label="one game")
+    axes[0].plot(train_rows("step"), last_100(train_rows("episodic_return")), label="mean of the last 100")
+    axes[0].legend()
     axes[1].errorbar(eval_rows("step"), eval_rows("mean_return"), yerr=eval_rows("std_return"), marker="o")
     axes[2].plot(eval_rows("step"), eval_rows("avg_max_q"), marker="o")
     titles = ("Training return (real score)", "Evaluation return", "Average max Q, held-out states")
@@ -898,9 +910,20 @@ def plot_run(run_dir):
         ax.set(title=title, xlabel="agent steps")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
+    fig.savefig(Path(run_dir) / "curves.png", dpi=100)
     plt.close(fig)
-    return run_dir / "curves.png"
+    return Path(run_dir) / "curves.png"
+
+
+def run_table(run_dir):
+    """One line per evaluation: its mean return and the mean training return of the last 100 games."""
+    train_rows, eval_rows = read_run(run_dir)
+    steps, means = train_rows("step"), last_100(train_rows("episodic_return"))
+    lines = []
+    for step, ret, std in zip(*(eval_rows(c) for c in ("step", "mean_return", "std_return")), strict=True):
+        train = f"{means[steps <= step][-1]:.1f}" if (steps <= step).any() else "-"
+        lines.append(f"step {step:,.0f} | eval return {ret:.1f} +- {std:.1f} | training, last 100: {train}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- benchmark
@@ -972,6 +995,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.plot_run:
+            print("\n".join(run_table(args.plot_run)))
             print(f"wrote {plot_run(args.plot_run)}")
             return 0
         if args.device:

@@ -334,7 +334,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert saved_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == 90
 
 
-def test_plot_writes_png_and_a_missing_package_is_named(tmp_path):
+def test_run_table_plot_and_a_missing_package(tmp_path):
+    games = "".join(f"{10 * i},{i},{i}\n" for i in range(1, 151))  # game i scores i at step 10 i
+    (tmp_path / "metrics.csv").write_text("step,episode,episodic_return\n" + games)
+    (tmp_path / "eval.csv").write_text("step,mean_return,std_return\n500,7.5,1.0\n1500,9,0\n")
+    assert dqn.run_table(tmp_path) == ["step 500 | eval return 7.5 +- 1.0 | training, last 100: 25.5",
+                                       "step 1,500 | eval return 9.0 +- 0.0 | training, last 100: 100.5"]
     with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
         dqn.require("no_such_pkg_xyz")
     pytest.importorskip("matplotlib")
