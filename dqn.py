@@ -171,74 +171,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------- Q-network
-@mx.custom_function
-def block_conv(x, w, bias):
-    """A stride-1 convolution with an n x n kernel, as one matrix product and n*n shifted sums.
-    x: (B, H, W, D), w: (n, n, D, O), bias: (O,) -> (B, H-n+1, W-n+1, O)."""
-    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
-    z = (x @ w.transpose(2, 0, 1, 3).reshape(d, -1)).reshape(b, h, wd, n, n, o)  # every block times every tap
-    oh, ow = h - n + 1, wd - n + 1
-    return bias + sum(z[:, i:i + oh, j:j + ow, i, j] for i in range(n) for j in range(n))
-
-
-@block_conv.vjp
-def block_conv_vjp(primals, dy, y):
-    # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
-    # the 2015 update 30% slower. dy: (B, oh, ow, O).
-    x, w, bias = primals
-    (_, oh, ow, o), (h, wd, d), n = dy.shape, x.shape[1:], w.shape[0]
-    taps = [(i, j) for i in range(n) for j in range(n)]
-    dy2 = dy.reshape(-1, o)  # (B*oh*ow, O)
-    # Tap (i, j) saw the blocks x[:, i:i+oh, j:j+ow]: its gradient is their product with dy.  (D, O) each
-    dw = mx.stack([x[:, i:i + oh, j:j + ow].reshape(-1, d).T @ dy2 for i, j in taps]).reshape(w.shape)
-    # Each tap sends dy back through its weights to the blocks it saw (never evaluated for conv1: pixels).
-    dyp = mx.pad(dy, [(0, 0), (n - 1, n - 1), (n - 1, n - 1), (0, 0)])  # (B, H+n-1, W+n-1, O)
-    r = n - 1  # block (p, q) got tap (i, j)'s output at (p-i, q-j), which sits at (p+r-i, q+r-j) in dyp
-    cols = mx.concatenate([dyp[:, r - i:r - i + h, r - j:r - j + wd] for i, j in taps], axis=-1)
-    dx = cols @ w.transpose(0, 1, 3, 2).reshape(-1, d)  # (B, H, W, n*n*O) @ (n*n*O, D)
-    return dx, dw, dy2.sum(axis=0)
-
-
-class StridedConv(nn.Module):
-    """A stride-s convolution rewritten as a stride-1 one over s x s blocks (space-to-depth).
-
-    Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
-    blocks of 4*4*4 = 64 values, which `block_conv` computes as one matrix product. The same function with the
-    same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
-    """
-
-    def __init__(self, in_ch, out_ch, kernel, stride):
-        super().__init__()
-        scale = (in_ch * kernel * kernel) ** -0.5  # nn.Conv2d's init: uniform weights, zero bias
-        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch))
-        self.bias = mx.zeros((out_ch,))
-        self.stride = stride
-
-    def __call__(self, x):
-        s, (o, k, _, c) = self.stride, self.weight.shape
-        b, h, w, _ = x.shape
-        # (B, H, W, C) -> (B, H/s, W/s, s*s*C): each block's pixels become channels, ordered (dy, dx, c).
-        x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, -1)
-        # (O, k, k, C) -> (n, n, s*s*C, O) with n = k/s: kernel tap (i, j) acts on block (p+i, q+j).
-        n = k // s
-        w = self.weight.reshape(o, n, s, n, s, c).transpose(1, 3, 2, 4, 5, 0).reshape(n, n, s * s * c, o)
-        return block_conv(x, w, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
-
-
-class Linear(nn.Module):
-    """nn.Linear's function and init with the weight stored (in, out), y = x @ W + b: nn.Linear's (out, in)
-    weight gets a transposed gradient, on which MLX's CPU runs Adam about 15x slower (README)."""
-
-    def __init__(self, in_dim, out_dim):
-        super().__init__()
-        scale = in_dim ** -0.5
-        self.weight = mx.random.uniform(-scale, scale, (in_dim, out_dim))
-        self.bias = mx.random.uniform(-scale, scale, (out_dim,))
-
-    def __call__(self, x):
-        return x @ self.weight + self.bias
-
-
 class AtariQNetwork(nn.Module):
     """Mnih et al. 2013, sec. 4.1: "The first hidden layer convolves 16 8x8 filters with stride 4 [...] The
     second hidden layer convolves 32 4x4 filters with stride 2 [...] The final hidden layer is fully-connected
@@ -286,6 +218,74 @@ class MLPQNetwork(nn.Module):
 def make_q_network(env, arch):
     n = env.num_actions
     return AtariQNetwork(n, arch) if env.atari else MLPQNetwork(env.obs_shape[0], n)
+
+
+class StridedConv(nn.Module):
+    """A stride-s convolution rewritten as a stride-1 one over s x s blocks (space-to-depth).
+
+    Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
+    blocks of 4*4*4 = 64 values, which `block_conv` computes as one matrix product. The same function with the
+    same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
+    """
+
+    def __init__(self, in_ch, out_ch, kernel, stride):
+        super().__init__()
+        scale = (in_ch * kernel * kernel) ** -0.5  # nn.Conv2d's init: uniform weights, zero bias
+        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch))
+        self.bias = mx.zeros((out_ch,))
+        self.stride = stride
+
+    def __call__(self, x):
+        s, (o, k, _, c) = self.stride, self.weight.shape
+        b, h, w, _ = x.shape
+        # (B, H, W, C) -> (B, H/s, W/s, s*s*C): each block's pixels become channels, ordered (dy, dx, c).
+        x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, -1)
+        # (O, k, k, C) -> (n, n, s*s*C, O) with n = k/s: kernel tap (i, j) acts on block (p+i, q+j).
+        n = k // s
+        w = self.weight.reshape(o, n, s, n, s, c).transpose(1, 3, 2, 4, 5, 0).reshape(n, n, s * s * c, o)
+        return block_conv(x, w, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
+
+
+@mx.custom_function
+def block_conv(x, w, bias):
+    """A stride-1 convolution with an n x n kernel, as one matrix product and n*n shifted sums.
+    x: (B, H, W, D), w: (n, n, D, O), bias: (O,) -> (B, H-n+1, W-n+1, O)."""
+    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
+    z = (x @ w.transpose(2, 0, 1, 3).reshape(d, -1)).reshape(b, h, wd, n, n, o)  # every block times every tap
+    oh, ow = h - n + 1, wd - n + 1
+    return bias + sum(z[:, i:i + oh, j:j + ow, i, j] for i in range(n) for j in range(n))
+
+
+@block_conv.vjp
+def block_conv_vjp(primals, dy, y):
+    # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
+    # the 2015 update 30% slower. dy: (B, oh, ow, O).
+    x, w, bias = primals
+    (_, oh, ow, o), (h, wd, d), n = dy.shape, x.shape[1:], w.shape[0]
+    taps = [(i, j) for i in range(n) for j in range(n)]
+    dy2 = dy.reshape(-1, o)  # (B*oh*ow, O)
+    # Tap (i, j) saw the blocks x[:, i:i+oh, j:j+ow]: its gradient is their product with dy.  (D, O) each
+    dw = mx.stack([x[:, i:i + oh, j:j + ow].reshape(-1, d).T @ dy2 for i, j in taps]).reshape(w.shape)
+    # Each tap sends dy back through its weights to the blocks it saw (never evaluated for conv1: pixels).
+    dyp = mx.pad(dy, [(0, 0), (n - 1, n - 1), (n - 1, n - 1), (0, 0)])  # (B, H+n-1, W+n-1, O)
+    r = n - 1  # block (p, q) got tap (i, j)'s output at (p-i, q-j), which sits at (p+r-i, q+r-j) in dyp
+    cols = mx.concatenate([dyp[:, r - i:r - i + h, r - j:r - j + wd] for i, j in taps], axis=-1)
+    dx = cols @ w.transpose(0, 1, 3, 2).reshape(-1, d)  # (B, H, W, n*n*O) @ (n*n*O, D)
+    return dx, dw, dy2.sum(axis=0)
+
+
+class Linear(nn.Module):
+    """nn.Linear's function and init with the weight stored (in, out), y = x @ W + b: nn.Linear's (out, in)
+    weight gets a transposed gradient, on which MLX's CPU runs Adam about 15x slower (README)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        scale = in_dim ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (in_dim, out_dim))
+        self.bias = mx.random.uniform(-scale, scale, (out_dim,))
+
+    def __call__(self, x):
+        return x @ self.weight + self.bias
 
 
 # ------------------------------------------------------------------------------------------ replay memory
