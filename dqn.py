@@ -152,11 +152,11 @@ def parse_args(argv=None):
             setattr(args, name, defaults[0 if atari else 1])
     args.clip_rewards = atari if args.clip_rewards is None else args.clip_rewards
     positive = "total_steps buffer_size batch_size lr eps_decay_steps train_freq num_envs eval_episodes"
-    probabilities = "gamma eps_start eps_end eval_eps".split()
-    zero_is_off = "target_update eval_every save_every".split()
+    probabilities = "gamma eps_start eps_end eval_eps"
+    zero_is_off = "target_update eval_every save_every"
     checks = [(n, getattr(args, n) > 0, "must be > 0") for n in positive.split()]
-    checks += [(n, 0 <= getattr(args, n) <= 1, "must be in [0, 1]") for n in probabilities]
-    checks += [(n, getattr(args, n) >= 0, "must be >= 0") for n in zero_is_off]
+    checks += [(n, 0 <= getattr(args, n) <= 1, "must be in [0, 1]") for n in probabilities.split()]
+    checks += [(n, getattr(args, n) >= 0, "must be >= 0") for n in zero_is_off.split()]
     checks += [
         ("batch_size", args.batch_size <= args.buffer_size, "must be at most --buffer-size"),
         ("learning_starts", args.learning_starts >= args.batch_size, "must be at least --batch-size"),
