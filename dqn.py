@@ -545,8 +545,7 @@ class Progress:
             ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
             loss = f"{np.mean(self.losses):.4f} | q {np.mean(self.qs):.3f}" if self.losses else "- | q -"
             self.log(f"step {step:,} | {sps:.0f} sps | episodes {self.episodes} | return {ret} | "
-                     f"eps {eps:.3f} "
-                     f"| loss {loss}")
+                     f"eps {eps:.3f} | loss {loss}")
             self.t_line, self.step_line, self.losses, self.qs = time.time(), step, [], []
 
     def update(self, loss, q, step):
