@@ -46,7 +46,6 @@ import glob
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -682,16 +681,11 @@ def make_atari(spec, num_envs, train):
 
 
 def memory_available():
-    """Bytes of memory free for the replay: MemAvailable on Linux, free + inactive pages on macOS, and half of
-    the total where neither can be read (an 8 GB machine must not accept a 7 GB replay and swap)."""
+    """Bytes of memory free for the replay: MemAvailable on Linux, elsewhere (macOS) half the physical memory,
+    so that an 8 GB machine refuses a 7 GB replay instead of swapping."""
     with contextlib.suppress(OSError, StopIteration):
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
-        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5).stdout
-        pages = {k.strip(): int(v.strip(" .")) for k, v in (line.split(":") for line in out.splitlines()[1:])}
-        page = int(out.split("page size of ")[1].split()[0])
-        return page * (pages["Pages free"] + pages["Pages inactive"] + pages.get("Pages speculative", 0))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
@@ -732,11 +726,10 @@ def banner(env, args, run_dir, step):
 
 
 def peak_rss():
-    """Peak resident memory of this process, in bytes."""
+    """Peak resident memory of this process, in bytes (Linux counts kilobytes, macOS bytes)."""
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
