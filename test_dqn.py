@@ -309,6 +309,20 @@ def test_resume_continues_step_epsilon_and_files(tmp_path, monkeypatch):
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 400  # one header, appended rows
     assert max(float(r.split(",")[4]) for r in rows[1:]) <= 1.0 and dqn.epsilon(400, args) < 1.0
+    assert dqn.main(["--env", "CartPole-v1", "--eval-only", "--eval-episodes=2", "--load", checkpoint]) == 0
+    evals = (tmp_path / "run" / "eval.csv").read_text().splitlines()  # --eval-only adds to the run's own file
+    assert len(evals) == 2 and evals[1].startswith(f"{out['step']},") and evals[1].split(",")[3] == "2"
+
+
+def test_benchmark_prints_each_part(capsys):
+    argv = "--env CartPole-v1 --total-steps 300 --learning-starts 100 --batch-size 32 --buffer-size 1000"
+    assert dqn.main(["--benchmark", *argv.split()]) == 0
+    out = capsys.readouterr().out
+    parts = ("environment alone", "update alone (mlp)", "end to end: 300 agent steps")
+    assert all(part in out for part in parts), out
+    rows = dqn.layer_profile(dqn.AtariQNetwork(4, "nature"), mx.zeros((2, 4, 84, 84), mx.uint8))
+    assert [r[0] for r in rows] == ["conv1", "conv2", "conv3", "fc", "out"]
+    assert all(forward > 0 and backward > 0 for _, forward, backward in rows)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
