@@ -931,23 +931,25 @@ def timed(fn, reps=20):
 
 
 def layer_profile(q, x):
-    """(name, forward ms, forward + backward ms) per layer of the Atari network at this batch, each compiled
-    alone. The first layer's backward is its weight gradient only: its input is data and needs none."""
+    """(name, forward ms, backward ms) per layer of the Atari network at this batch, each compiled alone. The
+    backward is the gradient of the layer's weights and input (conv1: weights only, its input is pixels) from
+    a given output gradient; it needs no forward output, so MLX does not compute one."""
     x = x.transpose(0, 2, 3, 1).astype(mx.float32) / 255.0  # (B, 84, 84, 4), as the network's first line
     rows, layers = [], [(f"conv{i + 1}", c) for i, c in enumerate(q.convs)] + [("fc", q.fc), ("out", q.out)]
     for i, (name, layer) in enumerate(layers):
         x = x.reshape(x.shape[0], -1) if name == "fc" else x  # (B, 7, 7, 64) -> (B, 3136)
         params = layer.trainable_parameters()
 
-        def loss(p, inp, layer=layer):
+        def forward(p, inp, layer=layer):
             layer.update(p)
-            return layer(inp).sum()
+            return layer(inp)
 
-        grad = mx.compile(mx.grad(loss, argnums=0 if i == 0 else (0, 1)))
+        fwd = mx.compile(forward)
+        bwd = mx.compile(mx.grad(lambda p, inp, f=forward: f(p, inp).sum(), argnums=0 if i == 0 else (0, 1)))
         mx.eval(x)
-        rows.append((name, timed(lambda f=layer, x=x: mx.eval(f(x))),
-                     timed(lambda g=grad, p=params, x=x: mx.eval(g(p, x)))))
-        layer.update(params)  # grad left tracers in the layer
+        rows.append((name, timed(lambda f=fwd, p=params, x=x: mx.eval(f(p, x))),
+                     timed(lambda g=bwd, p=params, x=x: mx.eval(g(p, x)))))
+        layer.update(params)  # tracing left tracers in the layer
         x = nn.relu(layer(x))
     return rows
 
@@ -969,8 +971,8 @@ def benchmark(args, log=print):
          else rng.normal(size=(args.batch_size, 2, *env.obs_shape)).astype(np.float32))
     x, a = mx.array(x), mx.array(rng.integers(env.num_actions, size=args.batch_size))
     if env.atari:
-        for name, fwd, fwd_bwd in layer_profile(q, x[:, :-1]):
-            log(f"  {name:6s} forward {fwd:6.2f} ms | forward + backward {fwd_bwd:6.2f} ms")
+        for name, fwd, bwd in layer_profile(q, x[:, :-1]):
+            log(f"  {name:6s} forward {fwd:6.2f} ms | backward {bwd:6.2f} ms")
         log(f"  whole network forward {timed(lambda: mx.eval(q(x[:, :-1]))):.2f} ms")
     train_step = make_train_step(q, target, opt, args.gamma, args.double)
     ms = timed(lambda: mx.eval(train_step(x, a, mx.zeros(len(a)), mx.zeros(len(a))), q.state, opt.state))
