@@ -66,11 +66,13 @@ def load_blas(candidates):
 
 
 def fast_blas():
+    """MKL installed into this environment first (chosen on purpose, and the faster here: README), then the
+    system's OpenBLAS."""
     if sys.platform == "darwin":
         return "Accelerate"
-    system = [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))]
     pip_mkl = [("MKL", p) for p in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))]
-    return load_blas(system + pip_mkl) if "mlx.core" not in sys.modules else None
+    system = [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))]
+    return load_blas(pip_mkl + system) if "mlx.core" not in sys.modules else None
 
 
 BLAS = fast_blas()
