@@ -192,11 +192,21 @@ def test_td_target_terminal_and_double():
     assert y.tolist() == [1.0, 5.0]  # the online net picks a', the target net values it
 
 
-def test_adam_is_bias_corrected():
+def test_adam_is_bias_corrected_and_flushes_tiny_moments():
     q, target, opt = make_learner(lr=1e-3)
     w0 = np.array(q.layers[0].weight)
     opt.update(q, tree_map(mx.ones_like, q.parameters()))  # a constant gradient
     assert np.allclose(w0 - np.array(q.layers[0].weight), 1e-3, rtol=1e-3)  # 3.2x the lr without correction
+    ours, plain = dqn.make_optimizer(1e-3), dqn.optim.Adam(1e-3, eps=1.5e-4, bias_correction=True)
+    params = []
+    for opt in (ours, plain):  # moments about to become subnormal (below 1.2e-38), and ordinary ones
+        opt.init({"w": mx.ones(4)})
+        opt.state["w"] = {"m": mx.array([1.3e-38, 1e-3, 0, -2e-31]), "v": mx.array([1e-37, 1e-2, 0, 3e-31])}
+        params.append(opt.apply_gradients({"w": mx.zeros(4)}, {"w": mx.ones(4)})["w"])
+    assert mx.array_equal(params[0], params[1]).item()  # the same step for the weights
+    assert ours.state["w"]["m"].tolist() == [0, plain.state["w"]["m"][1].item(), 0, 0]
+    assert ours.state["w"]["v"].tolist() == [0, plain.state["w"]["v"][1].item(), 0, 0]
+    assert 0 < abs(plain.state["w"]["m"][0].item()) < 1.2e-38  # what plain Adam keeps
 
 
 def test_train_step_compiled_equals_eager_and_reads_the_synced_target():
