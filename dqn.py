@@ -19,7 +19,8 @@ Differences from the papers (paper -> ours -> why):
   Adam: it is the 2013 target, not the whole 2013 update rule (squared error, RMSProp).
 - Optimizer: RMSProp (2013), centered RMSProp with lr 2.5e-4 (2015) -> Adam with bias correction (as
   PyTorch's, which CleanRL uses), lr 1e-4 (CleanRL's DQN), eps 1.5e-4 (the Rainbow paper's) -> MLX has no
-  centered RMSProp, and Adam is the usual choice for DQN since.
+  centered RMSProp, and Adam is the usual choice for DQN since. Its moments below 1e-30 are set to zero
+  (FlushedAdam): the same weights, without the subnormal floats that halved the speed of long runs.
 - Replay start, discount, train frequency: not given in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
 - Epsilon: annealed "over the first million frames" -> over 1,000,000 agent steps that start when learning
   starts, as DeepMind's released code (NeuralQLearner.lua) counts them; the random fill stays at 1.0.
