@@ -462,7 +462,8 @@ def train(args, log=print):
     log(banner(env, args, run_dir, step))
     train_step, q_act = make_train_step(q, target, opt, args.gamma, args.double), compiled_q(q)
     progress = Progress(run_dir, episodes, args.num_envs, log)
-    evaluator = Evaluator(args, q, run_dir, log, env.atari)
+    # Without evaluations, no held-out states either: collecting them costs 500 emulator steps on Atari.
+    evaluator = Evaluator(args, q, run_dir, log, env.atari) if args.eval_every else None
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
     replay.start(env.newest_frame(obs))
     next_update, next_sync = step + args.learning_starts, step + args.target_update
@@ -497,11 +498,12 @@ def train(args, log=print):
         log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
         raise SystemExit(128 + stopped[0])
     log(f"done: {step:,} steps; peak memory {peak_rss() / 1e9:.2f} GB; model in {run_dir}/model.safetensors")
-    if args.eval_every and (not evaluator.rows or evaluator.rows[-1]["step"] != step):
+    if evaluator and (not evaluator.rows or evaluator.rows[-1]["step"] != step):
         evaluator(step)  # a final evaluation, unless one just ran
     if args.plot:
         plot_run(run_dir)
-    return dict(step=step, episodes=progress.episodes, evals=evaluator.rows, run_dir=run_dir)
+    return dict(step=step, episodes=progress.episodes, evals=evaluator.rows if evaluator else [],
+                run_dir=run_dir)
 
 
 def crossed(prev, step, every):
