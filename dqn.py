@@ -14,9 +14,11 @@ Units: an "agent step" is one action of the agent. On Atari it lasts 4 emulator 
 the paper's "10 million frames" are 2.5 million agent steps. Every step count below is in agent steps.
 
 Differences from the papers (paper -> ours -> why):
-- Target network and Huber loss: none in 2013 -> both, synced every 10,000 steps (2015) -> they made DQN
-  stable. `--target-update 0` bootstraps from the online network as in 2013, but keeps the Huber loss and
-  Adam: it is the 2013 target, not the whole 2013 update rule (squared error, RMSProp).
+- Target network and Huber loss: none in 2013 -> both (2015) -> they made DQN stable. The target is synced
+  every 10,000 agent steps (2,500 updates): the 2015 table counts its C = 10,000 in updates, but DeepMind's
+  released code counts agent steps (numSteps in NeuralQLearner.lua), as Dopamine does. `--target-update 0`
+  bootstraps from the online network as in 2013, but keeps the Huber loss and Adam: it is the 2013 target,
+  not the whole 2013 update rule (squared error, RMSProp).
 - Optimizer: RMSProp (2013), centered RMSProp with lr 2.5e-4 (2015) -> Adam with bias correction (as
   PyTorch's, which CleanRL uses), lr 1e-4 (CleanRL's DQN), eps 1.5e-4 (the Rainbow paper's) -> MLX has no
   centered RMSProp, and Adam is the usual choice for DQN since. Its moments below 1e-30 are set to zero
@@ -440,8 +442,9 @@ def make_train_step(q, target, opt, gamma, double, compile=True):
 
 
 def sync_target(q, target):
-    """Mnih et al. 2015: "every C updates we clone the network Q to obtain a target network Q^"." MLX arrays
-    are immutable, so sharing them is a copy: the optimizer replaces q's arrays, never edits them."""
+    """Mnih et al. 2015: "every C updates we clone the network Q to obtain a target network Q^" (C counted in
+    agent steps, as the released code does). MLX arrays are immutable, so sharing them is a copy: the
+    optimizer replaces q's arrays, never edits them."""
     if target is not q:
         target.update(q.parameters())
 
