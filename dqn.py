@@ -188,17 +188,22 @@ class AtariQNetwork(nn.Module):
         super().__init__()
         convs, flat, hidden = self.ARCHS[arch]
         chans = [4] + [c for c, _, _ in convs]
-        # On a GPU, MLX's own convolution kernels are the natural choice; StridedConv serves the CPU.
-        strided = StridedConv if mx.default_device() == mx.cpu else (lambda i, o, k, s: nn.Conv2d(i, o, k, s))
-        self.convs = [strided(i, o, k, s) if s > 1 else nn.Conv2d(i, o, k)
-                      for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
+        # On a GPU, MLX's own convolution kernels are the natural choice; StridedConv serves the CPU, and its
+        # first layer reads the frames channels-first, as they arrive, which spares one transposition.
+        self.on_cpu = mx.default_device() == mx.cpu
+        self.convs = [StridedConv(i, o, k, s, channels_first=i == chans[0]) if self.on_cpu and s > 1
+                      else nn.Conv2d(i, o, k, s) for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
         self.fc = Linear(flat, hidden)
         self.out = Linear(hidden, num_actions)
 
+    def pixels(self, x):
+        """Legend: B batch, 4 stacked frames. Pixels arrive as uint8 and become floats in [0, 1] only here."""
+        x = x.astype(mx.float32) / 255.0  # (B, 4, 84, 84)
+        # nn.Conv2d is channels-last: (B, 4, 84, 84) -> (B, 84, 84, 4).
+        return x if self.on_cpu else x.transpose(0, 2, 3, 1)
+
     def __call__(self, x):
-        # Legend: B batch, 4 stacked frames. Pixels arrive as uint8 and become floats in [0, 1] only here.
-        # MLX convolutions are channels-last: (B, 4, 84, 84) -> (B, 84, 84, 4).
-        x = x.transpose(0, 2, 3, 1).astype(mx.float32) / 255.0
+        x = self.pixels(x)
         for conv in self.convs:  # nips: -> (B, 20, 20, 16) -> (B, 9, 9, 32); nature adds -> (B, 7, 7, 64)
             x = nn.relu(conv(x))
         x = nn.relu(self.fc(x.reshape(x.shape[0], -1)))  # (B, 2592 or 3136) -> (B, 256 or 512)
@@ -230,24 +235,32 @@ class StridedConv(nn.Module):
     Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
     blocks of 4*4*4 = 64 values, which `block_conv` computes as one matrix product. The same function with the
     same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
+    With `channels_first`, the input is (B, C, H, W), as the frames arrive: the blocks are then cut straight
+    from it, s pixels of a row at a time, instead of after a transposition to channels-last (README).
     """
 
-    def __init__(self, in_ch, out_ch, kernel, stride):
+    def __init__(self, in_ch, out_ch, kernel, stride, channels_first=False):
         super().__init__()
         scale = (in_ch * kernel * kernel) ** -0.5  # nn.Conv2d's init: uniform weights, zero bias
         self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch))
         self.bias = mx.zeros((out_ch,))
-        self.stride = stride
+        self.stride, self.channels_first = stride, channels_first
 
     def __call__(self, x):
-        s, (o, k, _, c) = self.stride, self.weight.shape
-        b, h, w, _ = x.shape
-        # (B, H, W, C) -> (B, H/s, W/s, s*s*C): each block's pixels become channels, ordered (dy, dx, c).
-        x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // s, w // s, -1)
-        # (O, k, k, C) -> (n, n, s*s*C, O) with n = k/s: kernel tap (i, j) acts on block (p+i, q+j).
-        n = k // s
-        w = self.weight.reshape(o, n, s, n, s, c).transpose(1, 3, 2, 4, 5, 0).reshape(n, n, s * s * c, o)
-        return block_conv(x, w, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
+        (o, k, _, c), s = self.weight.shape, self.stride
+        n = k // s  # (O, k, k, C) -> (O, n, s, n, s, C): kernel tap (i, j) acts on block (p+i, q+j)
+        taps = self.weight.reshape(o, n, s, n, s, c)
+        if self.channels_first:  # (B, C, H, W) -> (B, H/s, W/s, C, s, s)
+            b, _, h, w = x.shape
+            x = x.reshape(b, c, h // s, s, w // s, s).transpose(0, 2, 4, 1, 3, 5)
+            taps = taps.transpose(1, 3, 5, 2, 4, 0)  # (n, n, C, s, s, O)
+        else:  # (B, H, W, C) -> (B, H/s, W/s, s, s, C)
+            b, h, w, _ = x.shape
+            x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+            taps = taps.transpose(1, 3, 2, 4, 5, 0)  # (n, n, s, s, C, O)
+        # Each block's s*s*C values become its channels: (B, H/s, W/s, s*s*C) and (n, n, s*s*C, O).
+        blocks, taps = x.reshape(b, h // s, w // s, -1), taps.reshape(n, n, -1, o)
+        return block_conv(blocks, taps, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
 
 
 @mx.custom_function
@@ -954,7 +967,7 @@ def layer_profile(q, x):
     """(name, forward ms, backward ms) per layer of the Atari network at this batch, each compiled alone. The
     backward is the gradient of the layer's weights and input (conv1: weights only, its input is pixels) from
     a given output gradient; it needs no forward output, so MLX does not compute one."""
-    x = x.transpose(0, 2, 3, 1).astype(mx.float32) / 255.0  # (B, 84, 84, 4), as the network's first line
+    x = q.pixels(x)  # conv1's input, as in the network
     rows, layers = [], [(f"conv{i + 1}", c) for i, c in enumerate(q.convs)] + [("fc", q.fc), ("out", q.out)]
     for i, (name, layer) in enumerate(layers):
         x = x.reshape(x.shape[0], -1) if name == "fc" else x  # (B, 7, 7, 64) -> (B, 3136)

@@ -53,25 +53,26 @@ def test_blas_is_named_only_for_a_library_that_exports_sgemm():
         assert dqn.load_blas([("C", "libm.so.6"), ("OpenBLAS", "libopenblas.so.0")]) == "OpenBLAS"
 
 
-@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size", [(4, 32, 8, 4, 84), (16, 32, 4, 2, 20)])
-def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size):
-    conv = dqn.StridedConv(in_ch, out_ch, kernel, stride)
+@pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size,first",
+                         [(4, 32, 8, 4, 84, False), (4, 16, 8, 4, 84, True), (16, 32, 4, 2, 20, False)])
+def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size, first):
+    conv = dqn.StridedConv(in_ch, out_ch, kernel, stride, channels_first=first)
     assert (conv.bias == 0).all().item()  # as nn.Conv2d's
     conv.bias = mx.random.normal((out_ch,))
     x = mx.random.normal((2, size, size, in_ch))
-    dy = mx.random.normal(conv(x).shape)
+    dy = mx.random.normal((2, (size - kernel) // stride + 1, (size - kernel) // stride + 1, out_ch))
 
     def grads(f):  # d(sum(f * dy)) / d(x, weight, bias)
         return mx.grad(lambda x, w, b: (f(x, w, b) * dy).sum(), argnums=(0, 1, 2))(x, conv.weight, conv.bias)
 
-    def ours(x, w, b):
+    def ours(x, w, b):  # x is channels-last; a channels-first layer reads it as (B, C, H, W)
         conv.update({"weight": w, "bias": b})
-        return conv(x)
+        return conv(x.transpose(0, 3, 1, 2) if first else x)
 
     def theirs(x, w, b):
         return mx.conv2d(x, w, stride=stride) + b
 
-    assert mx.allclose(conv(x), theirs(x, conv.weight, conv.bias), atol=1e-4).item()
+    assert mx.allclose(ours(x, conv.weight, conv.bias), theirs(x, conv.weight, conv.bias), atol=1e-4).item()
     for mine, expected in zip(grads(ours), grads(theirs), strict=True):  # block_conv's hand-written vjp
         assert mx.allclose(mine, expected, rtol=1e-4, atol=1e-4).item()
 
@@ -81,9 +82,10 @@ def test_atari_network_shapes_and_pixel_scale(arch, params):
     q, seen = dqn.AtariQNetwork(6, arch), []
     first = q.convs[0]
     q.convs[0] = lambda x: seen.append(x) or first(x)
-    out = q(mx.array(np.full((3, 4, 84, 84), 255, np.uint8)))
+    frames = np.random.default_rng(0).integers(0, 256, (3, 4, 84, 84), np.uint8)
+    out = q(mx.array(frames))
     assert out.shape == (3, 6) and out.dtype == mx.float32
-    assert seen[0].shape == (3, 84, 84, 4) and seen[0].max().item() == 1.0  # channels last, in [0, 1]
+    assert np.allclose(np.array(seen[0]), frames / 255.0)  # as the frames arrive (CPU), in [0, 1]
     q.convs[0] = first
     assert sum(v.size for _, v in tree_flatten(q.parameters())) == params  # nips: 663,808 in fc (2592x256)
     assert dqn.MLPQNetwork(4, 2)(mx.zeros((5, 1, 4))).shape == (5, 2)
