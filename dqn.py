@@ -197,7 +197,7 @@ class AtariQNetwork(nn.Module):
         self.out = Linear(hidden, num_actions)
 
     def pixels(self, x):
-        """conv1's input. Legend: B batch, 4 stacked frames; pixels arrive as uint8, become [0, 1] only here."""
+        """conv1's input. B batch, 4 stacked frames; pixels arrive as uint8 and become [0, 1] only here."""
         x = x.astype(mx.float32) / 255.0  # (B, 4, 84, 84)
         # nn.Conv2d is channels-last: (B, 4, 84, 84) -> (B, 84, 84, 4).
         return x if self.on_cpu else x.transpose(0, 2, 3, 1)
