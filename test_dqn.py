@@ -53,9 +53,18 @@ def test_blas_is_named_only_for_a_library_that_exports_sgemm():
         assert dqn.load_blas([("C", "libm.so.6"), ("OpenBLAS", "libopenblas.so.0")]) == "OpenBLAS"
 
 
+@pytest.fixture
+def cpu():
+    """StridedConv is the CPU path's layer; on a CUDA GPU, float32 matmuls are TF32-rounded."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size,first",
                          [(4, 32, 8, 4, 84, False), (4, 16, 8, 4, 84, True), (16, 32, 4, 2, 20, False)])
-def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size, first):
+def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size, first, cpu):
     conv = dqn.StridedConv(in_ch, out_ch, kernel, stride, channels_first=first)
     assert (conv.bias == 0).all().item()  # as nn.Conv2d's
     conv.bias = mx.random.normal((out_ch,))
@@ -85,7 +94,8 @@ def test_atari_network_shapes_and_pixel_scale(arch, params):
     frames = np.random.default_rng(0).integers(0, 256, (3, 4, 84, 84), np.uint8)
     out = q(mx.array(frames))
     assert out.shape == (3, 6) and out.dtype == mx.float32
-    assert np.allclose(np.array(seen[0]), frames / 255.0)  # as the frames arrive (CPU), in [0, 1]
+    expected = frames if q.on_cpu else frames.transpose(0, 2, 3, 1)  # GPU: nn.Conv2d's channels-last
+    assert np.allclose(np.array(seen[0]), expected / 255.0)  # in [0, 1]
     q.convs[0] = first
     assert sum(v.size for _, v in tree_flatten(q.parameters())) == params  # nips: 663,808 in fc (2592x256)
     assert dqn.MLPQNetwork(4, 2)(mx.zeros((5, 1, 4))).shape == (5, 2)
