@@ -438,6 +438,10 @@ def make_train_step(q, target, opt, gamma, double, compile=True):
         return nn.losses.huber_loss(q_sa, y, delta=1.0, reduction="mean"), q_values.max(axis=1).mean()
 
     loss_and_grad = nn.value_and_grad(q, loss_fn)
+    # MLX keeps freed buffers for reuse up to a cache limit, 32 MiB on this CPU. An update cycles through up
+    # to 90 MiB of temporaries, so it gave them back to the OS and page-faulted ~850 times to get them again:
+    # 5-10% of the update (README). Raised, never lowered: a GPU's limit is higher.
+    mx.set_cache_limit(max(mx.set_cache_limit(128 << 20), 128 << 20))
 
     def step(x, a, r, terminated):
         s, s_next = x[:, :-1], x[:, 1:]  # (B, stack, ...) each; they share stack-1 frames
