@@ -68,17 +68,10 @@ def load_blas(candidates):
     return None
 
 
-def fast_blas():
-    """MKL installed into this environment first (chosen on purpose, and the faster here: README), then the
-    system's OpenBLAS."""
-    if sys.platform == "darwin":
-        return "Accelerate"
-    pip_mkl = [("MKL", p) for p in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))]
-    system = [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))]
-    return load_blas(pip_mkl + system) if "mlx.core" not in sys.modules else None
-
-
-BLAS = fast_blas()
+# MKL installed into this environment first (chosen on purpose, and the faster here: README), then OpenBLAS.
+BLAS = "Accelerate" if sys.platform == "darwin" else None if "mlx.core" in sys.modules else load_blas(
+    [("MKL", p) for p in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))]
+    + [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))])
 BLAS_HINT = "`apt-get install libopenblas0-pthread` or `pip install mkl` makes MLX's CPU matmuls ~30x faster"
 
 import gymnasium as gym  # noqa: E402
