@@ -394,6 +394,12 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     assert saved["step"] > 0 and saved["episodes"] == len((run / "metrics.csv").read_text().splitlines()) - 1
 
 
+def test_memory_and_peak_rss_are_bytes():
+    physical = dqn.os.sysconf("SC_PAGE_SIZE") * dqn.os.sysconf("SC_PHYS_PAGES")
+    assert 100e6 < dqn.memory_available() <= physical  # kilobytes read as bytes would be 1,000x too small
+    assert 50e6 < dqn.peak_rss() < physical  # this process holds MLX, gymnasium and numpy
+
+
 IMAGE = gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)  # an image task that is not Atari: refused
 gym.register("ImageTask-v0", entry_point=type("ImageTask", (gym.Env,), dict(
     observation_space=IMAGE, action_space=gym.spaces.Discrete(2))))
