@@ -474,7 +474,7 @@ def train(args, log=print):
         rng.bit_generator.state = meta["rng"]
     log(banner(env, args, run_dir, step))
     train_step, q_act = make_train_step(q, target, opt, args.gamma, args.double), compiled_q(q)
-    progress = Progress(run_dir, episodes, args.num_envs, log)
+    progress = Progress(run_dir, step, episodes, args.num_envs, log)
     # Without evaluations, no held-out states either: collecting them costs 500 emulator steps on Atari.
     evaluator = Evaluator(args, q, run_dir, log, env.atari) if args.eval_every else None
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
@@ -552,13 +552,13 @@ def stop_on_signals():
 class Progress:
     """One metrics.csv row per finished game (real score) and a progress line every few seconds."""
 
-    def __init__(self, run_dir, episodes, num_envs, log):
+    def __init__(self, run_dir, step, episodes, num_envs, log):
         self.csv = CsvLog(run_dir / "metrics.csv", ["step", "episode", "episodic_return", "episode_length",
                                                      "epsilon", "loss", "avg_max_q"])
         self.run_dir, self.episodes, self.log = run_dir, episodes, log
         self.score, self.length = np.zeros(num_envs), np.zeros(num_envs, np.int64)
         self.returns, self.losses, self.qs, self.loss, self.q = [], [], [], float("nan"), float("nan")
-        self.t_line, self.step_line = time.time(), None
+        self.t_line, self.step_line = time.time(), step
 
     def record(self, step, reward, new_game, eps):
         """Where new_game, the game played so far ended at the previous step; this step's reward is 0."""
@@ -569,7 +569,6 @@ class Progress:
                            episode_length=int(self.length[i]), epsilon=eps, loss=self.loss, avg_max_q=self.q)
         self.score = np.where(new_game, 0, self.score + reward)
         self.length = np.where(new_game, 0, self.length + 1)
-        self.step_line = step if self.step_line is None else self.step_line
         if time.time() - self.t_line > 5:
             sps = (step - self.step_line) / (time.time() - self.t_line)
             ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
@@ -890,6 +889,7 @@ def evaluate_only(args, log=print):
     return Evaluator(args, q, run_dir, log, env.atari)(meta.get("step", 0))
 
 
+# -------------------------------------------------------------------------------------------------- plot
 def require(package):
     """Imports an optional package lazily; a missing one is a one-line error naming what to install."""
     try:
@@ -995,8 +995,7 @@ def benchmark(args, log=print):
     sps = 1000 * args.num_envs / ms
     log(f"environment alone: {sps:,.0f} agent steps/s")
     env.close()
-    q, target = make_q_network(env, args.arch), make_q_network(env, args.arch)
-    opt = make_optimizer(args.lr)  # the very optimizer that training uses
+    q, target, opt = make_learner(env, args)  # the very networks and optimizer that training uses
     x = (rng.integers(0, 256, (args.batch_size, env.stack + 1, *env.frame_shape), np.uint8) if env.atari
          else rng.normal(size=(args.batch_size, 2, *env.obs_shape)).astype(np.float32))
     x, a = mx.array(x), mx.array(rng.integers(env.num_actions, size=args.batch_size))
