@@ -46,6 +46,23 @@ def saved_meta(path):
     return json.loads(mx.load(str(path), return_metadata=True)[1]["dqn"])
 
 
+class Countdown(gym.Env):
+    """Pays 1 a step. Reset with seed s, a game lasts 1 + s % 10 steps (vector env i gets s + i), else 1 step.
+    Observations are the steps left, / 10."""
+    observation_space, action_space = gym.spaces.Box(0, 1, (4,), np.float32), gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.left = 1 + seed % 10 if seed is not None else 1
+        return np.full(4, self.left / 10, np.float32), {}
+
+    def step(self, action):
+        self.left -= 1
+        return np.full(4, self.left / 10, np.float32), 1.0, self.left == 0, False, {}
+
+
+gym.register("Countdown-v0", entry_point=Countdown)
+
+
 def test_blas_is_named_only_for_a_library_that_exports_sgemm():
     # CDLL(None) opens this program and libm loads fine: neither is a BLAS.
     assert dqn.load_blas([("A", None), ("B", "libno-such-blas.so"), ("C", "libm.so.6")]) is None
@@ -176,6 +193,11 @@ def test_atari_run_writes_its_files_and_replays_the_stacks_the_agent_acted_on(tm
     assert checked > 300 and replay.terminated.sum() > 3 and replay.first.sum() >= 1  # inside the window
 
 
+def test_crossed_sees_multiples_that_parallel_envs_step_over():
+    assert dqn.crossed(198, 201, 200) and dqn.crossed(199, 200, 200) and not dqn.crossed(200, 203, 200)
+    assert not dqn.crossed(0, 10**6, 0)  # 0 = never
+
+
 def test_epsilon_decays_from_learning_start():
     args = dqn.parse_args(["--env", "ALE/Pong-v5", "--learning-starts", "100", "--eps-decay-steps", "1000"])
     assert dqn.epsilon(0, args) == dqn.epsilon(100, args) == 1.0
@@ -282,6 +304,9 @@ def test_new_game_is_seen_at_the_frame_cap_and_eval_has_no_life_loss():
     steps = [env.step(rng.integers(4, size=1))[2:] for _ in range(1500)]
     terminated, new_game = (np.array([s[i][0] for s in steps]) for i in (0, 1))
     assert new_game.sum() >= 2 and (new_game[1:] == terminated[:-1]).all()  # game overs only, no lost lives
+    env.reset(seed=0)  # NOOP again: a life is lost, the ball is never relaunched, the game runs to its cap
+    noop = [env.step(np.zeros(1, int))[2:] for _ in range(4501)]
+    assert [i for i, (term, new) in enumerate(noop) if term[0] or new[0]] == [4500]  # 18,000 frames, 2015
 
 
 @pytest.mark.parametrize("flags,learned", [([], 5.0), (["--clip-rewards"], 1.0)])
@@ -297,16 +322,33 @@ def test_rewards_are_clipped_on_atari_only(tmp_path, monkeypatch, flags, learned
     assert {float(r[0]) for r in added} == {learned, 0.0}  # 0: the steps that only start a new game
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert rows and all(float(r[2]) == 5 * int(r[3]) for r in rows)  # the log keeps the real score
+    # A step that only starts a new game is no agent step: game k ends at the sum of the first k lengths.
+    assert [int(r[0]) for r in rows] == np.cumsum([int(r[3]) for r in rows]).tolist()
     assert dqn.parse_args(["--env", "ALE/Pong-v5"]).clip_rewards
 
 
-def test_evaluate_uses_eval_epsilon_and_its_own_env(monkeypatch):
+def test_evaluate_scores_each_envs_first_game_with_eval_epsilon_in_its_own_env(monkeypatch):
     seen, envs, real_act, real_env = [], [], dqn.act, dqn.Env
     monkeypatch.setattr(dqn, "act", lambda q, obs, eps, *a: seen.append(eps) or real_act(q, obs, eps, *a))
     monkeypatch.setattr(dqn, "Env", lambda *a, **k: envs.append((a, k)) or real_env(*a, **k))
-    returns = dqn.evaluate(dqn.MLPQNetwork(4, 2), "CartPole-v1", 3, seed=0, eps=0.25)
-    assert len(returns) == 3 and (returns >= 8).all()  # CartPole scores 1 per step; it cannot end sooner
-    assert set(seen) == {0.25} and envs == [(("CartPole-v1", 3), {"train": False})]
+    returns = dqn.evaluate(dqn.MLPQNetwork(4, 2), "Countdown-v0", 3, seed=0, eps=0.25)
+    assert returns.tolist() == [1, 2, 3]  # env 0 plays two more 1-step games meanwhile: not counted
+    assert set(seen) == {0.25} and envs == [(("Countdown-v0", 3), {"train": False})]
+
+
+def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypatch):
+    seen, real_act = [], dqn.act
+    monkeypatch.setattr(dqn, "act", lambda q, obs, eps, *a: seen.append(eps) or real_act(q, obs, eps, *a))
+    args = tiny_args(tmp_path, "Countdown-v0", "--eval-episodes", "3", "--eval-eps", "0.5")
+
+    def q(x):  # Q(s) = (s_0, -s_0), so max_a Q(s, a) = |s_0|
+        return mx.concatenate([x[:, :1], -x[:, :1]], axis=1)
+
+    evaluator = dqn.Evaluator(args, q, tmp_path, QUIET["log"], atari=False)
+    row = evaluator(7)
+    assert set(seen) == {0.5} and row["episodes"] == 3 and evaluator.states.shape == (100, 4)
+    assert row["avg_max_q"] == pytest.approx(np.abs(evaluator.states[:, 0]).mean()) and row["avg_max_q"] > 0
+    assert (tmp_path / "eval.csv").read_text().splitlines()[1].startswith("7,")
 
 
 @pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"]])
@@ -327,7 +369,11 @@ def test_resume_continues_step_epsilon_and_files(tmp_path, monkeypatch):
     lines, checkpoint = [], str(tmp_path / "run" / "checkpoint.safetensors")
     args = tiny_args(tmp_path, "CartPole-v1", "--total-steps", "700", "--load", checkpoint)
     args.run_dir = None  # resumes into the checkpoint's own directory
+    states, real_act, saved_rng = [], dqn.act, saved_meta(checkpoint)["rng"]
+    monkeypatch.setattr(dqn, "act", lambda q, o, e, rng, n: states.append(rng.bit_generator.state) or
+                        real_act(q, o, e, rng, n))
     out = dqn.train(args, log=lines.append)
+    assert states[0] == saved_rng  # the random stream goes on where it stopped
     assert any("resumed at step 400" in line for line in lines) and 700 <= out["step"] < 710
     assert out["run_dir"] == tmp_path / "run" and not (tmp_path / "runs").exists()
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
