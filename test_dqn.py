@@ -263,6 +263,18 @@ def test_train_step_compiled_equals_eager_and_reads_the_synced_target():
     assert mx.allclose(step(x, a, r, term)[0], expected, atol=1e-5).item()
 
 
+def test_double_train_step_lets_the_online_net_choose_a_prime():
+    (q, target, opt), other = make_learner(), make_learner(seed=5)[0]
+    target.update(other.parameters())  # Q and Q^ now disagree on a'
+    x, a, r, term = batch(3)
+    choose_online, choose_target = (dqn.td_target(target(x[:, 1:]), net(x[:, 1:]), r, term, 0.99, True)
+                                     for net in (q, target))
+    assert not mx.allclose(choose_online, choose_target).item()
+    q_sa = mx.take_along_axis(q(x[:, :-1]), a[:, None], 1)[:, 0]
+    expected = nn.losses.huber_loss(q_sa, choose_online, reduction="mean")
+    assert mx.allclose(dqn.make_train_step(q, target, opt, 0.99, True)(x, a, r, term)[0], expected).item()
+
+
 def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_path, monkeypatch):
     q, target, opt = make_learner(lr=1e-3)
     dqn.make_train_step(q, target, opt, 0.99, False)(*batch(0))
@@ -288,11 +300,19 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     q4, target4, opt4 = make_learner(seed=1, target_update=0)  # no target network: the target *is* Q
     dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q4, target4, opt4, IDENT, lr=1e-3)
     assert target4 is q4 and same(q, q4)
+    q5, target5, opt5 = make_learner(seed=3)  # weights only: the target starts as their copy
+    dqn.load_checkpoint(tmp_path / "model.safetensors", q5, target5, opt5, IDENT, lr=1e-3)
+    assert same(q, q5) and same(q5, target5)
 
 
 def test_new_game_is_seen_at_the_frame_cap_and_eval_has_no_life_loss():
     gym.register("BreakoutCap84-v0", entry_point="ale_py.env:AtariEnv",
                  kwargs=dict(game="breakout", max_num_frames_per_episode=84, repeat_action_probability=0.0))
+    env = dqn.Env("BreakoutNoFrameskip-v4", 1, train=True)  # the agent's frame skip: 4 frames a step
+    env.reset(seed=0)
+    start = env.frame_number.copy()
+    env.step(np.zeros(1, int))
+    assert (env.frame_number - start).tolist() == [4]
     env = dqn.Env("BreakoutCap84-v0", 1, train=True)
     env.reset(seed=0)
     steps = [env.step(np.zeros(1, int)) for _ in range(40)]  # NOOP: the ball is never launched twice
@@ -352,7 +372,9 @@ def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"]])
-def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, flags):
+def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeypatch, flags):
+    updates, real_update = [], dqn.Progress.update
+    monkeypatch.setattr(dqn.Progress, "update", lambda self, *a: updates.append(a) or real_update(self, *a))
     outs = [dqn.train(tiny_args(tmp_path / d, "CartPole-v1", "--eval-every", "200", "--eval-episodes", "2",
                                 *flags), **QUIET) for d in "ab"]
     loaded = [mx.load(str(out["run_dir"] / "model.safetensors")) for out in outs]
@@ -361,6 +383,8 @@ def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, flags):
     assert 400 <= out["step"] < 403 and [e["step"] // 200 for e in out["evals"]] == [1, 2]
     rows = (out["run_dir"] / "metrics.csv").read_text().splitlines()[1:]
     assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
+    # One update per agent step from step 100 (--train-freq 1), however many steps a loop pass brings.
+    assert out["step"] - 102 <= len(updates) / 2 <= out["step"] - 99
 
 
 def test_resume_continues_step_epsilon_and_files(tmp_path, monkeypatch):
@@ -470,12 +494,14 @@ def run_main(capsys, *argv):
     (["--env", "ALE/Pong-v5", "--buffer-size", "10000000"], "needs 70.7 GB but 8.0 GB is available"),
     (["--env", "CartPole-v1", "--eval-only"], "argument --load"),
     (["--env", "CartPole-v1", "--load", "/no/such.safetensors"], "no such file"),
+    (["--env", "CartPole-v1", "--buffer-size", "4", "--num-envs", "2", "--batch-size", "2",
+      "--learning-starts", "2"], "--buffer-size 4 leaves fewer than 3 slots per env"),
 ])
-def test_bad_input_is_one_line(capsys, monkeypatch, argv, message):
+def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path, argv, message):
     monkeypatch.setattr(dqn, "memory_available", lambda: 8e9)  # the same answer on any machine
-    code, err = run_main(capsys, *argv, "--run-dir", "/tmp/dqn-test-never-written")
+    code, err = run_main(capsys, *argv, "--run-dir", str(tmp_path / "run"))
     assert code == 2 and message in err and "Traceback" not in err, err
-    assert not Path("/tmp/dqn-test-never-written").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_load_and_run_dir_errors_are_one_line(tmp_path, capsys):
