@@ -375,12 +375,12 @@ def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypa
 def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeypatch, flags):
     updates, real_update = [], dqn.Progress.update
     monkeypatch.setattr(dqn.Progress, "update", lambda self, *a: updates.append(a) or real_update(self, *a))
-    outs = [dqn.train(tiny_args(tmp_path / d, "CartPole-v1", "--eval-every", "200", "--eval-episodes", "2",
+    outs = [dqn.train(tiny_args(tmp_path / d, "CartPole-v1", "--eval-every", "300", "--eval-episodes", "2",
                                 *flags), **QUIET) for d in "ab"]
     loaded = [mx.load(str(out["run_dir"] / "model.safetensors")) for out in outs]
     assert all(mx.array_equal(loaded[0][k], loaded[1][k]).item() for k in loaded[0])
-    out = outs[0]  # parallel envs advance the step by up to 3 at once: evaluations at 200 and 400, once each
-    assert 400 <= out["step"] < 403 and [e["step"] // 200 for e in out["evals"]] == [1, 2]
+    out = outs[0]  # parallel envs advance the step by up to 3 at once: one evaluation at 300, one at the end
+    assert 400 <= out["step"] < 403 and [e["step"] // 100 for e in out["evals"]] == [3, 4]
     rows = (out["run_dir"] / "metrics.csv").read_text().splitlines()[1:]
     assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
     # One update per agent step from step 100 (--train-freq 1), however many steps a loop pass brings.
@@ -428,14 +428,17 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert saved_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == 90
 
 
-def test_run_table_plot_and_a_missing_package(tmp_path):
+def test_run_table_plot_and_a_missing_package(tmp_path, capsys, monkeypatch):
     games = "".join(f"{10 * i},{i},{i}\n" for i in range(1, 151))  # game i scores i at step 10 i
     (tmp_path / "metrics.csv").write_text("step,episode,episodic_return\n" + games)
     (tmp_path / "eval.csv").write_text("step,mean_return,std_return\n500,7.5,1.0\n1500,9,0\n")
     assert dqn.run_table(tmp_path) == ["step 500 | eval return 7.5 +- 1.0 | training, last 100: 25.5",
                                        "step 1,500 | eval return 9.0 +- 0.0 | training, last 100: 100.5"]
-    with pytest.raises(dqn.UserError, match="needs the package no_such_pkg_xyz: pip install no_such_pkg_xyz"):
-        dqn.require("no_such_pkg_xyz")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: refused before training
+    assert dqn.main(["--env", "CartPole-v1", "--plot", "--run-dir", str(tmp_path / "never")]) == 2
+    assert "needs the package matplotlib: pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    monkeypatch.undo()
     pytest.importorskip("matplotlib")
     dqn.train(tiny_args(tmp_path, "CartPole-v1", "--eval-every", "200", "--plot"), **QUIET)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
