@@ -272,7 +272,8 @@ def test_double_train_step_lets_the_online_net_choose_a_prime():
     assert not mx.allclose(choose_online, choose_target).item()
     q_sa = mx.take_along_axis(q(x[:, :-1]), a[:, None], 1)[:, 0]
     expected = nn.losses.huber_loss(q_sa, choose_online, reduction="mean")
-    assert mx.allclose(dqn.make_train_step(q, target, opt, 0.99, True)(x, a, r, term)[0], expected).item()
+    loss = dqn.make_train_step(q, target, opt, 0.99, True)(x, a, r, term)[0]
+    assert mx.allclose(loss, expected, atol=1e-5).item()  # the tolerance of the compiled-step test above
 
 
 def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_path, monkeypatch):
