@@ -68,11 +68,11 @@ def load_blas(candidates):
     return None
 
 
-# MKL installed into this environment first (chosen on purpose, and the faster here: README), then OpenBLAS;
-# none once MLX is loaded (dqn imported after it), since a BLAS loaded then would serve no matmul.
-BLAS = "Accelerate" if sys.platform == "darwin" else None if "mlx.core" in sys.modules else load_blas(
-    [("MKL", p) for p in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))]
-    + [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))])
+BLAS = "Accelerate" if sys.platform == "darwin" else None
+if BLAS is None and "mlx.core" not in sys.modules:  # loaded after MLX, a BLAS would serve no matmul
+    # MKL installed into this environment first (chosen on purpose, the faster here: README), then OpenBLAS.
+    BLAS = load_blas([("MKL", p) for p in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))]
+                     + [("OpenBLAS", "libopenblas.so.0"), ("OpenBLAS", ctypes.util.find_library("openblas"))])
 BLAS_HINT = "`apt-get install libopenblas0-pthread` or `pip install mkl` makes MLX's CPU matmuls ~30x faster"
 
 import gymnasium as gym  # noqa: E402

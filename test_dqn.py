@@ -384,7 +384,7 @@ def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeyp
     assert 400 <= out["step"] < 403 and [e["step"] // 100 for e in out["evals"]] == [3, 4]
     rows = (out["run_dir"] / "metrics.csv").read_text().splitlines()[1:]
     assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
-    # One update per agent step from step 100 (--train-freq 1), however many steps a loop pass brings.
+    # One update per agent step from step 100 (--train-freq 1), however many steps a loop pass brings; 2 runs.
     assert out["step"] - 102 <= len(updates) / 2 <= out["step"] - 99
 
 
