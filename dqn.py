@@ -440,7 +440,9 @@ def make_train_step(q, target, opt, gamma, double, compile=True):
     def step(x, a, r, terminated):
         s, s_next = x[:, :-1], x[:, 1:]  # (B, stack, ...) each; they share stack-1 frames
         q_next_online = q(s_next) if double else None
-        y = mx.stop_gradient(td_target(target(s_next), q_next_online, r, terminated, gamma, double))
+        # 2013, sec. 3: "The parameters from the previous iteration theta_i-1 are held fixed when optimising
+        # the loss function L_i(theta_i)". y is computed here, outside loss_fn, so no gradient flows into it.
+        y = td_target(target(s_next), q_next_online, r, terminated, gamma, double)
         (loss, max_q), grads = loss_and_grad(s, a, y)
         opt.update(q, grads)
         return loss, max_q

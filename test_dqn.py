@@ -47,7 +47,7 @@ def saved_meta(path):
 
 
 class Countdown(gym.Env):
-    """Pays 1 a step. Reset with seed s, a game lasts 1 + s % 10 steps (vector env i gets s + i), else 1 step.
+    """Pays 2 a step. Reset with seed s, a game lasts 1 + s % 10 steps (vector env i gets s + i), else 1 step.
     Observations are the steps left, / 10."""
     observation_space, action_space = gym.spaces.Box(0, 1, (4,), np.float32), gym.spaces.Discrete(2)
 
@@ -57,10 +57,11 @@ class Countdown(gym.Env):
 
     def step(self, action):
         self.left -= 1
-        return np.full(4, self.left / 10, np.float32), 1.0, self.left == 0, False, {}
+        return np.full(4, self.left / 10, np.float32), 2.0, self.left == 0, False, {}
 
 
 gym.register("Countdown-v0", entry_point=Countdown)
+gym.register("CountdownCap-v0", entry_point=Countdown, max_episode_steps=3)
 
 
 def test_blas_is_named_only_for_a_library_that_exports_sgemm():
@@ -306,7 +307,7 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     assert same(q, q5) and same(q5, target5)
 
 
-def test_new_game_is_seen_at_the_frame_cap_and_eval_has_no_life_loss():
+def test_new_game_is_seen_at_time_limits_and_eval_has_no_life_loss():
     gym.register("BreakoutCap84-v0", entry_point="ale_py.env:AtariEnv",
                  kwargs=dict(game="breakout", max_num_frames_per_episode=84, repeat_action_probability=0.0))
     env = dqn.Env("BreakoutNoFrameskip-v4", 1, train=True)  # the agent's frame skip: 4 frames a step
@@ -320,6 +321,9 @@ def test_new_game_is_seen_at_the_frame_cap_and_eval_has_no_life_loss():
     ended = next(i for i, (_, _, term, _) in enumerate(steps) if term[0])  # a life lost at the frame cap
     assert [s[3][0] for s in steps[:ended + 2]] == [False] * (ended + 1) + [True]
     assert (steps[ended + 1][0][0, :3] == 0).all()  # a fresh game: no frames before its first
+    env = dqn.Env("CountdownCap-v0", 1, train=True)  # a 10-step game cut at 3 steps by its time limit
+    env.reset(seed=9)
+    assert [env.step(np.zeros(1, int))[3][0] for _ in range(5)] == [False, False, False, True, False]
     env, rng = dqn.Env("ALE/Breakout-v5", 1, train=False), np.random.default_rng(0)
     env.reset(seed=0)
     steps = [env.step(rng.integers(4, size=1))[2:] for _ in range(1500)]
@@ -328,6 +332,9 @@ def test_new_game_is_seen_at_the_frame_cap_and_eval_has_no_life_loss():
     env.reset(seed=0)  # NOOP again: a life is lost, the ball is never relaunched, the game runs to its cap
     noop = [env.step(np.zeros(1, int))[2:] for _ in range(4501)]
     assert [i for i, (term, new) in enumerate(noop) if term[0] or new[0]] == [4500]  # 18,000 frames, 2015
+    env = dqn.Env("ALE/Breakout-v5", 1, train=True)  # training games run on, to ALE's 108,000 frames
+    env.reset(seed=0)
+    assert not any(env.step(np.zeros(1, int))[3][0] for _ in range(4501))
 
 
 @pytest.mark.parametrize("flags,learned", [([], 5.0), (["--clip-rewards"], 1.0)])
@@ -353,7 +360,7 @@ def test_evaluate_scores_each_envs_first_game_with_eval_epsilon_in_its_own_env(m
     monkeypatch.setattr(dqn, "act", lambda q, obs, eps, *a: seen.append(eps) or real_act(q, obs, eps, *a))
     monkeypatch.setattr(dqn, "Env", lambda *a, **k: envs.append((a, k)) or real_env(*a, **k))
     returns = dqn.evaluate(dqn.MLPQNetwork(4, 2), "Countdown-v0", 3, seed=0, eps=0.25)
-    assert returns.tolist() == [1, 2, 3]  # env 0 plays two more 1-step games meanwhile: not counted
+    assert returns.tolist() == [2, 4, 6]  # unclipped; env 0's later 1-step games are not counted
     assert set(seen) == {0.25} and envs == [(("Countdown-v0", 3), {"train": False})]
 
 
@@ -366,8 +373,9 @@ def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypa
         return mx.concatenate([x[:, :1], -x[:, :1]], axis=1)
 
     evaluator = dqn.Evaluator(args, q, tmp_path, QUIET["log"], atari=False)
-    row = evaluator(7)
-    assert set(seen) == {0.5} and row["episodes"] == 3 and evaluator.states.shape == (100, 4)
+    row = evaluator(7)  # env i is seeded 1 + 1 + 7 + i (--seed, +1, step): games of 10, 1, 2 steps
+    assert row["mean_return"] == pytest.approx(2 * (10 + 1 + 2) / 3) and row["episodes"] == 3
+    assert set(seen) == {0.5} and evaluator.states.shape == (100, 4)
     assert row["avg_max_q"] == pytest.approx(np.abs(evaluator.states[:, 0]).mean()) and row["avg_max_q"] > 0
     assert (tmp_path / "eval.csv").read_text().splitlines()[1].startswith("7,")
 
@@ -388,23 +396,30 @@ def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeyp
     assert out["step"] - 102 <= len(updates) / 2 <= out["step"] - 99
 
 
-def test_resume_continues_step_epsilon_and_files(tmp_path, monkeypatch):
-    dqn.train(tiny_args(tmp_path), **QUIET)
+def test_resume_continues_step_epsilon_target_and_files(tmp_path, monkeypatch):
+    dqn.train(tiny_args(tmp_path, "CartPole-v1", "--total-steps", "450"), **QUIET)  # target synced at 400
     monkeypatch.chdir(tmp_path)
     lines, checkpoint = [], str(tmp_path / "run" / "checkpoint.safetensors")
     args = tiny_args(tmp_path, "CartPole-v1", "--total-steps", "700", "--load", checkpoint)
     args.run_dir = None  # resumes into the checkpoint's own directory
-    states, real_act, saved_rng = [], dqn.act, saved_meta(checkpoint)["rng"]
+    saved_rng, states, seeds, syncs = saved_meta(checkpoint)["rng"], [], [], []
+    real_act, real_reset, real_sync = dqn.act, dqn.Env.reset, dqn.sync_target
     monkeypatch.setattr(dqn, "act", lambda q, o, e, rng, n: states.append(rng.bit_generator.state) or
                         real_act(q, o, e, rng, n))
+    monkeypatch.setattr(dqn.Env, "reset", lambda self, seed: seeds.append(seed) or real_reset(self, seed))
+    monkeypatch.setattr(dqn, "sync_target", lambda q, t: syncs.append(len(states)) or real_sync(q, t))
     out = dqn.train(args, log=lines.append)
     assert states[0] == saved_rng  # the random stream goes on where it stopped
-    assert any("resumed at step 400" in line for line in lines) and 700 <= out["step"] < 710
+    assert seeds[0] == 1 + 450  # new games, not the first run's again
+    # make_learner's copy, then one sync: the saved target serves until step 650 (>= 200 loop passes on).
+    assert len(syncs) == 2 and syncs[1] >= 200
+    assert any("resumed at step 450" in line for line in lines) and 700 <= out["step"] < 710
     assert out["run_dir"] == tmp_path / "run" and not (tmp_path / "runs").exists()
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 400  # one header, appended rows
-    assert max(float(r.split(",")[4]) for r in rows[1:]) <= 1.0 and dqn.epsilon(400, args) < 1.0
-    assert dqn.main(["--env", "CartPole-v1", "--eval-only", "--eval-episodes=2", "--load", checkpoint]) == 0
+    assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 450  # one header, appended rows
+    assert max(float(r.split(",")[4]) for r in rows[1:]) <= 1.0 and dqn.epsilon(450, args) < 1.0
+    eval_only = ["--env", "CartPole-v1", "--eval-only", "--eval-episodes=2", "--load", checkpoint]
+    assert dqn.main([*eval_only, "--arch", "nature"]) == 0  # --arch is Atari's: an MLP checkpoint still loads
     evals = (tmp_path / "run" / "eval.csv").read_text().splitlines()  # --eval-only adds to the run's own file
     assert len(evals) == 2 and evals[1].startswith(f"{out['step']},") and evals[1].split(",")[3] == "2"
 
@@ -508,7 +523,7 @@ def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path, argv, message):
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
-def test_load_and_run_dir_errors_are_one_line(tmp_path, capsys):
+def test_load_run_dir_and_interrupt_errors_are_one_line(tmp_path, capsys, monkeypatch):
     q, target, opt = make_learner()
     dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 1, 0, np.random.default_rng(0))
     (tmp_path / "junk.safetensors").write_text("not a checkpoint")
@@ -520,3 +535,9 @@ def test_load_and_run_dir_errors_are_one_line(tmp_path, capsys):
         assert code == 2 and message in err and path in err and "Traceback" not in err, err
     code, err = run_main(capsys, "--env", "CartPole-v1", "--run-dir", str(tmp_path / "cut.safetensors" / "x"))
     assert code == 1 and err.startswith("dqn.py: error: run dir") and "Traceback" not in err
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C while the environments are set up, before the loop's own handler
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dqn, "Env", ctrl_c)
+    assert run_main(capsys, "--env", "CartPole-v1") == (130, "dqn.py: error: interrupted\n")
