@@ -194,6 +194,22 @@ def test_atari_run_writes_its_files_and_replays_the_stacks_the_agent_acted_on(tm
     assert checked > 300 and replay.terminated.sum() > 3 and replay.first.sum() >= 1  # inside the window
 
 
+def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, monkeypatch):
+    lines, clock = [], [0.0]
+    monkeypatch.setattr(dqn.time, "time", lambda: clock[0])
+    progress = dqn.Progress(tmp_path, 100, 0, 1, lines.append)  # a run resumed at step 100
+    for g in range(25):  # game g scores g in one step; the next step starts a new game
+        progress.record(100 + g, np.array([float(g)]), np.array([False]), 0.5)
+        progress.record(100 + g, np.array([0.0]), np.array([True]), 0.5)
+    progress.update(0.25, 2.0, 125)
+    assert lines == []  # a line every 5 seconds at most
+    clock[0] = 10.0
+    progress.record(200, np.array([0.0]), np.array([False]), 0.5)
+    # (200 - 100) steps in 10 s; the return is the mean of the last 20 games (5 .. 24).
+    assert lines == ["step 200 | 10 sps | episodes 25 | return 14.5 | eps 0.500 | loss 0.2500 | q 2.000"]
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 25
+
+
 def test_crossed_sees_multiples_that_parallel_envs_step_over():
     assert dqn.crossed(198, 201, 200) and dqn.crossed(199, 200, 200) and not dqn.crossed(200, 203, 200)
     assert not dqn.crossed(0, 10**6, 0)  # 0 = never
