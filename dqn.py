@@ -158,7 +158,6 @@ def parse_args(argv=None):
     checks += [
         ("batch_size", args.batch_size <= args.buffer_size, "must be at most --buffer-size"),
         ("learning_starts", args.learning_starts >= args.batch_size, "must be at least --batch-size"),
-        ("num_envs", args.num_envs <= args.buffer_size, "must be at most --buffer-size"),
         ("load", args.load or not args.eval_only, "is required with --eval-only"),
         ("device", args.device != "gpu" or mx.is_available(mx.gpu), "gpu: MLX has no GPU backend here"),
     ]

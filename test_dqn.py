@@ -84,7 +84,8 @@ def cpu():
                          [(4, 32, 8, 4, 84, False), (4, 16, 8, 4, 84, True), (16, 32, 4, 2, 20, False)])
 def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size, first, cpu):
     conv = dqn.StridedConv(in_ch, out_ch, kernel, stride, channels_first=first)
-    assert (conv.bias == 0).all().item()  # as nn.Conv2d's
+    bound = abs(nn.Conv2d(in_ch, out_ch, kernel).weight).max().item()  # uniform(-1/sqrt(in*k*k), ...)
+    assert abs(abs(conv.weight).max().item() / bound - 1) < 0.01 and (conv.bias == 0).all().item()  # theirs
     conv.bias = mx.random.normal((out_ch,))
     x = mx.random.normal((2, size, size, in_ch))
     dy = mx.random.normal((2, (size - kernel) // stride + 1, (size - kernel) // stride + 1, out_ch))
@@ -220,6 +221,7 @@ def test_epsilon_decays_from_learning_start():
     assert dqn.epsilon(0, args) == dqn.epsilon(100, args) == 1.0
     assert dqn.epsilon(600, args) == pytest.approx(0.55)
     assert dqn.epsilon(1100, args) == pytest.approx(0.1) == dqn.epsilon(10**9, args)
+    assert args.eval_eps == 0.05  # the 2015 evaluation protocol
 
 
 def test_act_is_greedy_at_zero_epsilon_random_at_one_and_follows_updates():
@@ -246,8 +248,10 @@ def test_td_target_terminal_and_double():
 def test_adam_is_bias_corrected_and_flushes_tiny_moments():
     q, target, opt = make_learner(lr=1e-3)
     w0 = np.array(q.layers[0].weight)
-    opt.update(q, tree_map(mx.ones_like, q.parameters()))  # a constant gradient
-    assert np.allclose(w0 - np.array(q.layers[0].weight), 1e-3, rtol=1e-3)  # 3.2x the lr without correction
+    opt.update(q, tree_map(lambda p: mx.full(p.shape, 1e-4), q.parameters()))  # a small constant gradient g
+    # The first step is lr * g / (|g| + eps) = 0.4 lr with bias correction and Rainbow's eps (0.065 lr without
+    # the correction; the lr itself with PyTorch's default eps 1e-8).
+    assert np.allclose(w0 - np.array(q.layers[0].weight), 0.4e-3, rtol=1e-3)
     ours, plain = dqn.make_optimizer(1e-3), dqn.optim.Adam(1e-3, eps=1.5e-4, bias_correction=True)
     params = []
     for opt in (ours, plain):  # moments about to become subnormal (below 1.2e-38), and ordinary ones
@@ -275,9 +279,11 @@ def test_train_step_compiled_equals_eager_and_reads_the_synced_target():
     assert same(q, target)
     x, a, r, term = batch(6)  # the compiled step must read the *new* target weights
     y = dqn.td_target(target(x[:, 1:]), None, r, term, 0.99, False)
-    q_sa = mx.take_along_axis(q(x[:, :-1]), a[:, None], 1)[:, 0]
-    expected = nn.losses.huber_loss(q_sa, y, reduction="mean")
-    assert mx.allclose(step(x, a, r, term)[0], expected, atol=1e-5).item()
+    q_values = q(x[:, :-1])
+    q_sa = mx.take_along_axis(q_values, a[:, None], 1)[:, 0]
+    expected = nn.losses.huber_loss(q_sa, y, reduction="mean"), q_values.max(axis=1).mean()  # loss, avg max Q
+    got = step(x, a, r, term)
+    assert all(mx.allclose(got[i], expected[i], atol=1e-5).item() for i in (0, 1))
 
 
 def test_double_train_step_lets_the_online_net_choose_a_prime():
@@ -353,22 +359,26 @@ def test_new_game_is_seen_at_time_limits_and_eval_has_no_life_loss():
     assert not any(env.step(np.zeros(1, int))[3][0] for _ in range(4501))
 
 
-@pytest.mark.parametrize("flags,learned", [([], 5.0), (["--clip-rewards"], 1.0)])
-def test_rewards_are_clipped_on_atari_only(tmp_path, monkeypatch, flags, learned):
-    # CartPole paying 5 per step: a classic task whose rewards clipping would change.
+@pytest.mark.parametrize("scale,flags,learned", [(5, [], 5.0), (5, ["--clip-rewards"], 1.0),
+                                                  (-5, ["--clip-rewards"], -1.0)])
+def test_rewards_are_clipped_on_atari_only(tmp_path, monkeypatch, scale, flags, learned):
+    # CartPole paying `scale` per step: a classic task whose rewards clipping would change.
     gym.registry.pop("BigReward-v0", None)
     gym.register("BigReward-v0", entry_point=lambda: gym.wrappers.TransformReward(
-        gym.make("CartPole-v1").unwrapped, lambda r: 5.0 * r), max_episode_steps=500)
+        gym.make("CartPole-v1").unwrapped, lambda r: scale * r), max_episode_steps=500)
     added, real_add = [], dqn.Replay.add
     monkeypatch.setattr(dqn.Replay, "add", lambda self, a, r, *more: added.append(r) or real_add(self, a, r,
                                                                                               *more))
     dqn.train(tiny_args(tmp_path, "BigReward-v0", "--total-steps", "120", *flags), **QUIET)
     assert {float(r[0]) for r in added} == {learned, 0.0}  # 0: the steps that only start a new game
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
-    assert rows and all(float(r[2]) == 5 * int(r[3]) for r in rows)  # the log keeps the real score
+    assert rows and all(float(r[2]) == scale * int(r[3]) for r in rows)  # the log keeps the real score
     # A step that only starts a new game is no agent step: game k ends at the sum of the first k lengths.
     assert [int(r[0]) for r in rows] == np.cumsum([int(r[3]) for r in rows]).tolist()
     assert dqn.parse_args(["--env", "ALE/Pong-v5"]).clip_rewards
+    env, rng = dqn.Env("ALE/SpaceInvaders-v5", 1, train=True), np.random.default_rng(0)
+    env.reset(seed=0)  # Atari's env reports the real score (5-30 an invader): the learner clips
+    assert max(env.step(rng.integers(env.num_actions, size=1))[1][0] for _ in range(300)) > 1
 
 
 def test_evaluate_scores_each_envs_first_game_with_eval_epsilon_in_its_own_env(monkeypatch):
@@ -390,7 +400,8 @@ def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypa
 
     evaluator = dqn.Evaluator(args, q, tmp_path, QUIET["log"], atari=False)
     row = evaluator(7)  # env i is seeded 1 + 1 + 7 + i (--seed, +1, step): games of 10, 1, 2 steps
-    assert row["mean_return"] == pytest.approx(2 * (10 + 1 + 2) / 3) and row["episodes"] == 3
+    assert row["mean_return"] == pytest.approx(26 / 3) and row["episodes"] == 3
+    assert row["std_return"] == pytest.approx(np.std([20, 2, 4]))
     assert set(seen) == {0.5} and evaluator.states.shape == (100, 4)
     assert row["avg_max_q"] == pytest.approx(np.abs(evaluator.states[:, 0]).mean()) and row["avg_max_q"] > 0
     assert (tmp_path / "eval.csv").read_text().splitlines()[1].startswith("7,")
@@ -429,7 +440,8 @@ def test_resume_continues_step_epsilon_target_and_files(tmp_path, monkeypatch):
     assert seeds[0] == 1 + 450  # new games, not the first run's again
     # make_learner's copy, then one sync: the saved target serves until step 650 (>= 200 loop passes on).
     assert len(syncs) == 2 and syncs[1] >= 200
-    assert any("resumed at step 450" in line for line in lines) and 700 <= out["step"] < 710
+    assert lines[0].startswith("env CartPole-v1: 2 actions") and "\nresumed at step 450" in lines[0]
+    assert 700 <= out["step"] < 710
     assert out["run_dir"] == tmp_path / "run" and not (tmp_path / "runs").exists()
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 450  # one header, appended rows
@@ -455,8 +467,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     real = dqn.make_train_step
     monkeypatch.setattr(dqn, "make_train_step", lambda *a, **k: lambda *b: (real(*a, **k)(*b)[0] * np.nan,
                                                                              mx.array(0.0)))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(dqn.UserError, match=r"loss became nan \(Q 0.0\) at step 100; the last good"):
         dqn.train(tiny_args(tmp_path, "CartPole-v1", "--save-every", "30"), **QUIET)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
     assert saved_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == 90
 
 
@@ -522,9 +536,8 @@ def run_main(capsys, *argv):
     (["--env", "ALE/Pacmn-v5"], "unknown environment id 'ALE/Pacmn-v5'; did you mean ALE/Pacman-v5?"),
     (["--env", "Pendulum-v1"], "DQN needs discrete actions"),
     (["--env", "ImageTask-v0"], "supported are Atari games and tasks with a flat vector observation"),
-    (["--env", "CartPole-v1", "--total-steps", "0"], "argument --total-steps"),
     (["--env", "CartPole-v1", "--batch-size", "100", "--buffer-size", "50"], "argument --batch-size"),
-    (["--env", "CartPole-v1", "--gamma", "-0.1"], "argument --gamma: must be in [0, 1]"),
+    (["--plot-run", "/no/such/run"], "/no/such/run holds no metrics.csv"),
     (["--env", "CartPole-v1", "--learning-starts", "10"], "argument --learning-starts"),
     (["--env", "ALE/Pong-v5", "--buffer-size", "10000000"], "needs 70.7 GB but 8.0 GB is available"),
     (["--env", "CartPole-v1", "--eval-only"], "argument --load"),
@@ -537,6 +550,16 @@ def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path, argv, message):
     code, err = run_main(capsys, *argv, "--run-dir", str(tmp_path / "run"))
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_every_flag_refuses_impossible_values(capsys, tmp_path):
+    run = str(tmp_path / "run")
+    bad = {"0": "total-steps buffer-size batch-size lr eps-decay-steps train-freq num-envs eval-episodes",
+           "1.5": "gamma eps-start eps-end eval-eps", "-1": "target-update eval-every save-every"}
+    for value, flags in bad.items():
+        for flag in flags.split():
+            code, err = run_main(capsys, "--env", "CartPole-v1", f"--{flag}", value, "--run-dir", run)
+            assert code == 2 and f"argument --{flag}: must be" in err and not Path(run).exists(), err
 
 
 def test_load_run_dir_and_interrupt_errors_are_one_line(tmp_path, capsys, monkeypatch):
