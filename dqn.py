@@ -162,8 +162,8 @@ def parse_args(argv=None):
         ("device", args.device != "gpu" or mx.is_available(mx.gpu), "gpu: MLX has no GPU backend here"),
     ]
     for name, ok, why in checks:
-        if not ok:
-            parser.error(f"argument --{name.replace('_', '-')}: {why}")
+        if not ok:  # one line, without argparse's usage block
+            raise UserError(f"argument --{name.replace('_', '-')}: {why}")
     return args
 
 
