@@ -271,18 +271,22 @@ def block_conv_vjp(primals, dy, y):
     # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
     # the 2015 update 30% slower. dy: (B, oh, ow, O).
     x, w, bias = primals
-    (_, _, _, o), (h, wd, d), n = dy.shape, x.shape[1:], w.shape[0]
-    # Block (p, q) met tap (i, j) at output (p-i, q-j), which sits at (p+r-i, q+r-j) in the zero-padded dy.
-    # Gathered for every block and tap, those outputs make both gradients one matrix product each; dy has
-    # fewer channels than x, so shifting dy moves less memory than slicing x once per tap.
-    r = n - 1
-    dyp = mx.pad(dy, [(0, 0), (r, r), (r, r), (0, 0)])  # (B, H+n-1, W+n-1, O)
-    cols = mx.concatenate([dyp[:, r - i:r - i + h, r - j:r - j + wd] for i in range(n) for j in range(n)],
-                          axis=-1).reshape(-1, n * n * o)  # (B*H*W, n*n*O)
-    dw = (x.reshape(-1, d).T @ cols).reshape(d, n, n, o).transpose(1, 2, 0, 3)  # (D, n*n*O) -> (n, n, D, O)
+    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
+    # Block (p, q) met tap (i, j) at output (p-i, q-j). Put dy on x's H x W grid (zeros where there is no
+    # output) and flatten both to rows: that output's row is the block's row minus s = i*W + j. So for each
+    # tap, each gradient is one product of two row ranges, views that the BLAS reads in place: no shifted
+    # copy of dy or x is made (README). Rows that reach past an edge meet zeros.
+    r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest s
+    dy_grid = mx.pad(dy, [(0, 0), (0, r), (0, r), (0, 0)]).reshape(rows, o)  # (B*H*W, O)
+    xf, taps = x.reshape(rows, d), [(i, j, i * wd + j) for i in range(n) for j in range(n)]
+    # dy_grid's last `top` rows are zeros: leaving them out keeps every range of x inside x.
+    dw = mx.stack([xf[s:s + rows - top].T @ dy_grid[:rows - top] for _, _, s in taps])  # (n*n, D, O)
     # The input gradient is never evaluated for conv1, whose input is pixels.
-    dx = (cols @ w.transpose(0, 1, 3, 2).reshape(-1, d)).reshape(x.shape)  # (B*H*W, n*n*O) @ (n*n*O, D)
-    return dx, dw, dy.reshape(-1, o).sum(axis=0)
+    dy_z = mx.concatenate([mx.zeros((top, o)), dy_grid])  # (top + B*H*W, O): block row k reads row k - s
+    dx = mx.zeros((rows, d))
+    for i, j, s in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
+        dx = mx.addmm(dx, dy_z[top - s:top - s + rows], w[i, j].T)
+    return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
 
 
 class Linear(nn.Module):
