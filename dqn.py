@@ -273,19 +273,19 @@ def block_conv_vjp(primals, dy, y):
     x, w, bias = primals
     (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
     # Block (p, q) met tap (i, j) at output (p-i, q-j). Put dy on x's H x W grid (zeros where there is no
-    # output) and flatten both to rows: that output's row is the block's row minus s = i*W + j. So for each
-    # tap, each gradient is one product of two row ranges, views that the BLAS reads in place: no shifted
-    # copy of dy or x is made (README). Rows that reach past an edge meet zeros.
-    r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest s
+    # output) and flatten both to rows: that output's row is the block's row minus shift = i*W + j. So for
+    # each tap, each gradient is one product of two row ranges, views that the BLAS reads in place: no
+    # shifted copy of dy or x is made (README). Rows that reach past an edge meet zeros.
+    r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest shift
     dy_grid = mx.pad(dy, [(0, 0), (0, r), (0, r), (0, 0)]).reshape(rows, o)  # (B*H*W, O)
     xf, taps = x.reshape(rows, d), [(i, j, i * wd + j) for i in range(n) for j in range(n)]
     # dy_grid's last `top` rows are zeros: leaving them out keeps every range of x inside x.
-    dw = mx.stack([xf[s:s + rows - top].T @ dy_grid[:rows - top] for _, _, s in taps])  # (n*n, D, O)
+    dw = mx.stack([xf[sh:sh + rows - top].T @ dy_grid[:rows - top] for _, _, sh in taps])  # (n*n, D, O)
     # The input gradient is never evaluated for conv1, whose input is pixels.
-    dy_z = mx.concatenate([mx.zeros((top, o)), dy_grid])  # (top + B*H*W, O): block row k reads row k - s
+    dy_z = mx.concatenate([mx.zeros((top, o)), dy_grid])  # (top + B*H*W, O): block row k reads row k - shift
     dx = mx.zeros((rows, d))
-    for i, j, s in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
-        dx = mx.addmm(dx, dy_z[top - s:top - s + rows], w[i, j].T)
+    for i, j, sh in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
+        dx = mx.addmm(dx, dy_z[top - sh:top - sh + rows], w[i, j].T)
     return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
 
 
