@@ -33,9 +33,9 @@ Differences from the papers (paper -> ours -> why):
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
 - Frames: gray 110x84 cropped to 84x84 (2013) -> resized straight to 84x84, max over the last 2 frames of
   each skip (2015).
-- Strided convolutions on the CPU are computed as space-to-depth and one matrix product with a hand-written
-  gradient (StridedConv): the same function and (out, kh, kw, in) weights, with a gradient several times
-  faster than nn.Conv2d's on MLX's CPU.
+- Convolutions on the CPU (StridedConv): the strided ones computed as space-to-depth and one matrix product,
+  all with a hand-written gradient: nn.Conv2d's function and (out, kh, kw, in) weights, with a gradient
+  several times faster on MLX's CPU.
 - Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (see HYPERPARAMETERS).
 """
 
@@ -184,7 +184,7 @@ class AtariQNetwork(nn.Module):
         # On a GPU, MLX's own convolution kernels are the natural choice; StridedConv serves the CPU, and its
         # first layer reads the frames channels-first, as they arrive, which spares one transposition.
         self.on_cpu = mx.default_device() == mx.cpu
-        self.convs = [StridedConv(i, o, k, s, channels_first=i == chans[0]) if self.on_cpu and s > 1
+        self.convs = [StridedConv(i, o, k, s, channels_first=i == chans[0]) if self.on_cpu
                       else nn.Conv2d(i, o, k, s) for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
         self.fc = Linear(flat, hidden)
         self.out = Linear(hidden, num_actions)
@@ -230,6 +230,7 @@ class StridedConv(nn.Module):
     same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
     With `channels_first`, the input is (B, C, H, W), as the frames arrive: the blocks are then cut straight
     from it, s pixels of a row at a time, instead of after a transposition to channels-last (README).
+    A stride-1 layer (the 2015 conv3) has no blocks to cut: `conv_s1` gives it the same gradient.
     """
 
     def __init__(self, in_ch, out_ch, kernel, stride, channels_first=False):
@@ -241,6 +242,8 @@ class StridedConv(nn.Module):
 
     def __call__(self, x):
         (o, k, _, c), s = self.weight.shape, self.stride
+        if s == 1:  # (B, H, W, C) -> (B, H-k+1, W-k+1, O)
+            return conv_s1(x, self.weight.transpose(1, 2, 3, 0), self.bias)
         n = k // s  # (O, k, k, C) -> (O, n, s, n, s, C): kernel tap (i, j) acts on block (p+i, q+j)
         taps = self.weight.reshape(o, n, s, n, s, c)
         if self.channels_first:  # (B, C, H, W) -> (B, H/s, W/s, C, s, s)
@@ -266,7 +269,13 @@ def block_conv(x, w, bias):
     return bias + sum(z[:, i:i + oh, j:j + ow, i, j] for i in range(n) for j in range(n))
 
 
-@block_conv.vjp
+@mx.custom_function
+def conv_s1(x, w, bias):
+    """block_conv's function and gradient, with MLX's own forward (im2col, one product). For conv3's 3x3
+    kernel block_conv's one product is 9x wider than x: slower in the whole update, where this is faster."""
+    return mx.conv2d(x, w.transpose(3, 0, 1, 2)) + bias
+
+
 def block_conv_vjp(primals, dy, y):
     # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
     # the 2015 update 30% slower. dy: (B, oh, ow, O).
@@ -287,6 +296,10 @@ def block_conv_vjp(primals, dy, y):
     for i, j, sh in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
         dx = mx.addmm(dx, dy_z[top - sh:top - sh + rows], w[i, j].T)
     return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
+
+
+block_conv.vjp(block_conv_vjp)  # the gradient of both functions (a decorator would register only one)
+conv_s1.vjp(block_conv_vjp)
 
 
 class Linear(nn.Module):

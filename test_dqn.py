@@ -81,7 +81,8 @@ def cpu():
 
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size,first",
-                         [(4, 32, 8, 4, 84, False), (4, 16, 8, 4, 84, True), (16, 32, 4, 2, 20, False)])
+                         [(4, 32, 8, 4, 84, False), (4, 16, 8, 4, 84, True), (16, 32, 4, 2, 20, False),
+                          (64, 64, 3, 1, 9, False)])
 def test_strided_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size, first, cpu):
     conv = dqn.StridedConv(in_ch, out_ch, kernel, stride, channels_first=first)
     bound = abs(nn.Conv2d(in_ch, out_ch, kernel).weight).max().item()  # uniform(-1/sqrt(in*k*k), ...)
