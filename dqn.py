@@ -181,8 +181,9 @@ class AtariQNetwork(nn.Module):
         super().__init__()
         convs, flat, hidden = self.ARCHS[arch]
         chans = [4] + [c for c, _, _ in convs]
-        # On a GPU, MLX's own convolution kernels are the natural choice; StridedConv serves the CPU, and its
-        # first layer reads the frames channels-first, as they arrive, which spares one transposition.
+        # On a GPU, MLX's own convolution kernels are the natural choice. On the CPU, StridedConv (near the
+        # end of the file) computes the same function with faster gradients; its first layer reads the frames
+        # channels-first, as they arrive, which spares one transposition.
         self.on_cpu = mx.default_device() == mx.cpu
         self.convs = [StridedConv(i, o, k, s, channels_first=i == chans[0]) if self.on_cpu
                       else nn.Conv2d(i, o, k, s) for i, (o, k, s) in zip(chans[:-1], convs, strict=True)]
@@ -220,86 +221,6 @@ class MLPQNetwork(nn.Module):
 def make_q_network(env, arch):
     n = env.num_actions
     return AtariQNetwork(n, arch) if env.atari else MLPQNetwork(env.obs_shape[0], n)
-
-
-class StridedConv(nn.Module):
-    """A stride-s convolution rewritten as a stride-1 one over s x s blocks (space-to-depth).
-
-    Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
-    blocks of 4*4*4 = 64 values, which `block_conv` computes as one matrix product. The same function with the
-    same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
-    With `channels_first`, the input is (B, C, H, W), as the frames arrive: the blocks are then cut straight
-    from it, s pixels of a row at a time, instead of after a transposition to channels-last (README).
-    A stride-1 layer (the 2015 conv3) has no blocks to cut: `conv_s1` gives it the same gradient.
-    """
-
-    def __init__(self, in_ch, out_ch, kernel, stride, channels_first=False):
-        super().__init__()
-        scale = (in_ch * kernel * kernel) ** -0.5  # nn.Conv2d's init: uniform weights, zero bias
-        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch))
-        self.bias = mx.zeros((out_ch,))
-        self.stride, self.channels_first = stride, channels_first
-
-    def __call__(self, x):
-        (o, k, _, c), s = self.weight.shape, self.stride
-        if s == 1:  # (B, H, W, C) -> (B, H-k+1, W-k+1, O)
-            return conv_s1(x, self.weight.transpose(1, 2, 3, 0), self.bias)
-        n = k // s  # (O, k, k, C) -> (O, n, s, n, s, C): kernel tap (i, j) acts on block (p+i, q+j)
-        taps = self.weight.reshape(o, n, s, n, s, c)
-        if self.channels_first:  # (B, C, H, W) -> (B, H/s, W/s, C, s, s)
-            b, _, h, w = x.shape
-            x = x.reshape(b, c, h // s, s, w // s, s).transpose(0, 2, 4, 1, 3, 5)
-            taps = taps.transpose(1, 3, 5, 2, 4, 0)  # (n, n, C, s, s, O)
-        else:  # (B, H, W, C) -> (B, H/s, W/s, s, s, C)
-            b, h, w, _ = x.shape
-            x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-            taps = taps.transpose(1, 3, 2, 4, 5, 0)  # (n, n, s, s, C, O)
-        # Each block's s*s*C values become its channels: (B, H/s, W/s, s*s*C) and (n, n, s*s*C, O).
-        blocks, taps = x.reshape(b, h // s, w // s, -1), taps.reshape(n, n, -1, o)
-        return block_conv(blocks, taps, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
-
-
-@mx.custom_function
-def block_conv(x, w, bias):
-    """A stride-1 convolution with an n x n kernel, as one matrix product and n*n shifted sums.
-    x: (B, H, W, D), w: (n, n, D, O), bias: (O,) -> (B, H-n+1, W-n+1, O)."""
-    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
-    z = (x @ w.transpose(2, 0, 1, 3).reshape(d, -1)).reshape(b, h, wd, n, n, o)  # every block times every tap
-    oh, ow = h - n + 1, wd - n + 1
-    return bias + sum(z[:, i:i + oh, j:j + ow, i, j] for i in range(n) for j in range(n))
-
-
-@mx.custom_function
-def conv_s1(x, w, bias):
-    """block_conv's function and gradient, with MLX's own forward (im2col, one product). For conv3's 3x3
-    kernel block_conv's one product is 9x wider than x: slower in the whole update, where this is faster."""
-    return mx.conv2d(x, w.transpose(3, 0, 1, 2)) + bias
-
-
-def block_conv_vjp(primals, dy, y):
-    # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
-    # the 2015 update 30% slower. dy: (B, oh, ow, O).
-    x, w, bias = primals
-    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
-    # Block (p, q) met tap (i, j) at output (p-i, q-j). Put dy on x's H x W grid (zeros where there is no
-    # output) and flatten both to rows: that output's row is the block's row minus shift = i*W + j. So for
-    # each tap, each gradient is one product of two row ranges, views that the BLAS reads in place: no
-    # shifted copy of dy or x is made (README). Rows that reach past an edge meet zeros.
-    r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest shift
-    dy_grid = mx.pad(dy, [(0, 0), (0, r), (0, r), (0, 0)]).reshape(rows, o)  # (B*H*W, O)
-    xf, taps = x.reshape(rows, d), [(i, j, i * wd + j) for i in range(n) for j in range(n)]
-    # dy_grid's last `top` rows are zeros: leaving them out keeps every range of x inside x.
-    dw = mx.stack([xf[sh:sh + rows - top].T @ dy_grid[:rows - top] for _, _, sh in taps])  # (n*n, D, O)
-    # The input gradient is never evaluated for conv1, whose input is pixels.
-    dy_z = mx.concatenate([mx.zeros((top, o)), dy_grid])  # (top + B*H*W, O): block row k reads row k - shift
-    dx = mx.zeros((rows, d))
-    for i, j, sh in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
-        dx = mx.addmm(dx, dy_z[top - sh:top - sh + rows], w[i, j].T)
-    return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
-
-
-block_conv.vjp(block_conv_vjp)  # the gradient of both functions (a decorator would register only one)
-conv_s1.vjp(block_conv_vjp)
 
 
 class Linear(nn.Module):
@@ -966,6 +887,88 @@ def run_table(run_dir):
         train = f"{means[steps <= step][-1]:.1f}" if (steps <= step).any() else "-"
         lines.append(f"step {step:,.0f} | eval return {ret:.1f} +- {std:.1f} | training, last 100: {train}")
     return lines
+
+
+# ------------------------------------------------------------------------------------ CPU convolutions
+# AtariQNetwork's layers on the CPU in place of nn.Conv2d, for speed only (README, Performance).
+class StridedConv(nn.Module):
+    """A stride-s convolution rewritten as a stride-1 one over s x s blocks (space-to-depth).
+
+    Cut the image into s x s blocks: an 8x8/4 convolution over 84x84 becomes a 2x2/1 convolution over 21x21
+    blocks of 4*4*4 = 64 values, which `block_conv` computes as one matrix product. The same function with the
+    same (out, kh, kw, in) weights as nn.Conv2d; MLX's CPU computes its gradient 3-50x faster (README).
+    With `channels_first`, the input is (B, C, H, W), as the frames arrive: the blocks are then cut straight
+    from it, s pixels of a row at a time, instead of after a transposition to channels-last (README).
+    A stride-1 layer (the 2015 conv3) has no blocks to cut: `conv_s1` gives it the same gradient.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel, stride, channels_first=False):
+        super().__init__()
+        scale = (in_ch * kernel * kernel) ** -0.5  # nn.Conv2d's init: uniform weights, zero bias
+        self.weight = mx.random.uniform(-scale, scale, (out_ch, kernel, kernel, in_ch))
+        self.bias = mx.zeros((out_ch,))
+        self.stride, self.channels_first = stride, channels_first
+
+    def __call__(self, x):
+        (o, k, _, c), s = self.weight.shape, self.stride
+        if s == 1:  # (B, H, W, C) -> (B, H-k+1, W-k+1, O)
+            return conv_s1(x, self.weight.transpose(1, 2, 3, 0), self.bias)
+        n = k // s  # (O, k, k, C) -> (O, n, s, n, s, C): kernel tap (i, j) acts on block (p+i, q+j)
+        taps = self.weight.reshape(o, n, s, n, s, c)
+        if self.channels_first:  # (B, C, H, W) -> (B, H/s, W/s, C, s, s)
+            b, _, h, w = x.shape
+            x = x.reshape(b, c, h // s, s, w // s, s).transpose(0, 2, 4, 1, 3, 5)
+            taps = taps.transpose(1, 3, 5, 2, 4, 0)  # (n, n, C, s, s, O)
+        else:  # (B, H, W, C) -> (B, H/s, W/s, s, s, C)
+            b, h, w, _ = x.shape
+            x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+            taps = taps.transpose(1, 3, 2, 4, 5, 0)  # (n, n, s, s, C, O)
+        # Each block's s*s*C values become its channels: (B, H/s, W/s, s*s*C) and (n, n, s*s*C, O).
+        blocks, taps = x.reshape(b, h // s, w // s, -1), taps.reshape(n, n, -1, o)
+        return block_conv(blocks, taps, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
+
+
+@mx.custom_function
+def block_conv(x, w, bias):
+    """A stride-1 convolution with an n x n kernel, as one matrix product and n*n shifted sums.
+    x: (B, H, W, D), w: (n, n, D, O), bias: (O,) -> (B, H-n+1, W-n+1, O)."""
+    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
+    z = (x @ w.transpose(2, 0, 1, 3).reshape(d, -1)).reshape(b, h, wd, n, n, o)  # every block times every tap
+    oh, ow = h - n + 1, wd - n + 1
+    return bias + sum(z[:, i:i + oh, j:j + ow, i, j] for i in range(n) for j in range(n))
+
+
+@mx.custom_function
+def conv_s1(x, w, bias):
+    """block_conv's function and gradient, with MLX's own forward (im2col, one product). For conv3's 3x3
+    kernel block_conv's one product is 9x wider than x: slower in the whole update, where this is faster."""
+    return mx.conv2d(x, w.transpose(3, 0, 1, 2)) + bias
+
+
+def block_conv_vjp(primals, dy, y):
+    # Written by hand: autodiff of the shifted sums scatters dy into n*n zero arrays the size of z, which made
+    # the 2015 update 30% slower. dy: (B, oh, ow, O).
+    x, w, bias = primals
+    (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
+    # Block (p, q) met tap (i, j) at output (p-i, q-j). Put dy on x's H x W grid (zeros where there is no
+    # output) and flatten both to rows: that output's row is the block's row minus shift = i*W + j. So for
+    # each tap, each gradient is one product of two row ranges, views that the BLAS reads in place: no
+    # shifted copy of dy or x is made (README). Rows that reach past an edge meet zeros.
+    r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest shift
+    dy_grid = mx.pad(dy, [(0, 0), (0, r), (0, r), (0, 0)]).reshape(rows, o)  # (B*H*W, O)
+    xf, taps = x.reshape(rows, d), [(i, j, i * wd + j) for i in range(n) for j in range(n)]
+    # dy_grid's last `top` rows are zeros: leaving them out keeps every range of x inside x.
+    dw = mx.stack([xf[sh:sh + rows - top].T @ dy_grid[:rows - top] for _, _, sh in taps])  # (n*n, D, O)
+    # The input gradient is never evaluated for conv1, whose input is pixels.
+    dy_z = mx.concatenate([mx.zeros((top, o)), dy_grid])  # (top + B*H*W, O): block row k reads row k - shift
+    dx = mx.zeros((rows, d))
+    for i, j, sh in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
+        dx = mx.addmm(dx, dy_z[top - sh:top - sh + rows], w[i, j].T)
+    return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
+
+
+block_conv.vjp(block_conv_vjp)  # the gradient of both functions (a decorator would register only one)
+conv_s1.vjp(block_conv_vjp)
 
 
 # ------------------------------------------------------------------------------------------- benchmark
