@@ -200,6 +200,7 @@ def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, mon
     lines, clock = [], [0.0]
     monkeypatch.setattr(dqn.time, "time", lambda: clock[0])
     progress = dqn.Progress(tmp_path, 100, 0, 1, lines.append)  # a run resumed at step 100
+    clock[0] = 4.9
     for g in range(25):  # game g scores g in one step; the next step starts a new game
         progress.record(100 + g, np.array([float(g)]), np.array([False]), 0.5)
         progress.record(100 + g, np.array([0.0]), np.array([True]), 0.5)
@@ -408,7 +409,8 @@ def test_evaluator_passes_eval_epsilon_and_logs_average_max_q(tmp_path, monkeypa
     assert (tmp_path / "eval.csv").read_text().splitlines()[1].startswith("7,")
 
 
-@pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"]])
+@pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"],
+                                   ["--train-freq", "2"]])
 def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeypatch, flags):
     updates, real_update = [], dqn.Progress.update
     monkeypatch.setattr(dqn.Progress, "update", lambda self, *a: updates.append(a) or real_update(self, *a))
@@ -420,8 +422,9 @@ def test_variants_count_every_agent_step_and_same_seed_repeats(tmp_path, monkeyp
     assert 400 <= out["step"] < 403 and [e["step"] // 100 for e in out["evals"]] == [3, 4]
     rows = (out["run_dir"] / "metrics.csv").read_text().splitlines()[1:]
     assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
-    # One update per agent step from step 100 (--train-freq 1), however many steps a loop pass brings; 2 runs.
-    assert out["step"] - 102 <= len(updates) / 2 <= out["step"] - 99
+    # One update per --train-freq agent steps from step 100, however many steps a loop pass brings; 2 runs.
+    every = int(flags[1]) if flags[0] == "--train-freq" else 1
+    assert (out["step"] - 102) / every <= len(updates) / 2 <= (out["step"] - 99) / every
 
 
 def test_resume_continues_step_epsilon_target_and_files(tmp_path, monkeypatch):
@@ -446,6 +449,7 @@ def test_resume_continues_step_epsilon_target_and_files(tmp_path, monkeypatch):
     assert out["run_dir"] == tmp_path / "run" and not (tmp_path / "runs").exists()
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert rows.count(rows[0]) == 1 and int(rows[-1].split(",")[0]) > 450  # one header, appended rows
+    assert [int(r.split(",")[1]) for r in rows[1:]] == list(range(1, len(rows)))  # games numbered on
     assert max(float(r.split(",")[4]) for r in rows[1:]) <= 1.0 and dqn.epsilon(450, args) < 1.0
     eval_only = ["--env", "CartPole-v1", "--eval-only", "--eval-episodes=2", "--load", checkpoint]
     assert dqn.main([*eval_only, "--arch", "nature"]) == 0  # --arch is Atari's: an MLP checkpoint still loads
