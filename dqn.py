@@ -395,8 +395,7 @@ def sync_target(q, target):
     """Mnih et al. 2015: "every C updates we clone the network Q to obtain a target network Q^" (C counted in
     agent steps, as the released code does). MLX arrays are immutable, so sharing them is a copy: the
     optimizer replaces q's arrays, never edits them."""
-    if target is not q:
-        target.update(q.parameters())
+    target.update(q.parameters())  # without a target network, Q takes its own weights: a no-op
 
 
 # ---------------------------------------------------------------------------------------- training loop
