@@ -29,7 +29,7 @@ Differences from the papers (paper -> ours -> why):
 - Reward clipping: on Atari only, where "the scale of scores varies greatly from game to game"; classic
   tasks keep their rewards (LunarLander's +-100 are the task). The logs always show the real score.
 - Life loss: a lost life ends the episode for the learner during training only (2015), never in evaluation.
-- Evaluation (2015 protocol): epsilon 0.05 (`--eval-eps`), up to 30 no-op starts, at most 18,000 frames.
+- Evaluation (2015): 30 games of at most 18,000 frames, epsilon 0.05 (`--eval-eps`), up to 30 no-op starts.
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
 - Frames: gray 110x84 cropped to 84x84 (2013) -> resized straight to 84x84, max over the last 2 frames of
   each skip (2015).
@@ -106,7 +106,7 @@ HYPERPARAMETERS = {  # flag: (Atari, classic, help)
     "train_freq": (4, 1, "agent steps between updates (2015: 4)"),
     "target_update": (10_000, 200, "agent steps between target syncs, 0 = no target network (2015: 10k)"),
     "eval_every": (250_000, 5_000, "agent steps between evaluations, 0 = off"),
-    "eval_episodes": (10, 10, "episodes per evaluation (2015: 30)"),
+    "eval_episodes": (30, 10, "episodes per evaluation (2015: 30)"),
     "save_every": (250_000, 25_000, "agent steps between checkpoints, 0 = only at the end and on Ctrl-C"),
 }
 

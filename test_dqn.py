@@ -71,6 +71,15 @@ def test_blas_is_named_only_for_a_library_that_exports_sgemm():
         assert dqn.load_blas([("C", "libm.so.6"), ("OpenBLAS", "libopenblas.so.0")]) == "OpenBLAS"
 
 
+def test_atari_defaults_are_the_papers_values_or_the_documented_deviations():
+    args = dqn.parse_args(["--env", "ALE/Pong-v5"])
+    paper = dict(total_steps=2_500_000, buffer_size=1_000_000, batch_size=32, gamma=0.99, eps_start=1.0,
+                 eps_end=0.1, eps_decay_steps=1_000_000, learning_starts=50_000, train_freq=4,
+                 target_update=10_000, eval_eps=0.05, eval_episodes=30, clip_rewards=True, arch="nips")
+    assert {k: getattr(args, k) for k in paper} == paper
+    assert args.lr == 1e-4 and args.seed == 1  # Adam's rate: in the docstring; seed 1 made the README's runs
+
+
 @pytest.fixture
 def cpu():
     """StridedConv is the CPU path's layer; on a CUDA GPU, float32 matmuls are TF32-rounded."""
@@ -223,7 +232,6 @@ def test_epsilon_decays_from_learning_start():
     assert dqn.epsilon(0, args) == dqn.epsilon(100, args) == 1.0
     assert dqn.epsilon(600, args) == pytest.approx(0.55)
     assert dqn.epsilon(1100, args) == pytest.approx(0.1) == dqn.epsilon(10**9, args)
-    assert args.eval_eps == 0.05  # the 2015 evaluation protocol
 
 
 def test_act_is_greedy_at_zero_epsilon_random_at_one_and_follows_updates():
