@@ -526,6 +526,14 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path, sig, code):
     assert saved["step"] > 0 and saved["episodes"] == len((run / "metrics.csv").read_text().splitlines()) - 1
 
 
+def test_banner_names_the_blas_or_says_how_to_get_one(monkeypatch, cpu):
+    env = dqn.Env("CartPole-v1", 1, train=True)
+    for blas, hint in (("MKL", False), (None, True)):
+        monkeypatch.setattr(dqn, "BLAS", blas)
+        line = dqn.banner(env, tiny_args(Path("/tmp")), "run", 0)
+        assert f"BLAS {blas or 'reference (slow)'} |" in line and (dqn.BLAS_HINT in line) == hint
+
+
 def test_memory_and_peak_rss_are_bytes():
     physical = dqn.os.sysconf("SC_PAGE_SIZE") * dqn.os.sysconf("SC_PHYS_PAGES")
     assert 100e6 < dqn.memory_available() <= physical  # kilobytes read as bytes would be 1,000x too small
