@@ -613,7 +613,7 @@ class Env:
         else:
             obs, reward, terminated, truncated, _ = self.vec.step(self.pending)
             new_game, self.ended = self.ended, terminated | truncated
-        return obs, reward.astype(np.float32), terminated, new_game
+        return obs, reward, terminated, new_game
 
     def step(self, actions):
         self.send(actions)
