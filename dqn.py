@@ -845,7 +845,7 @@ def read_run(run_dir):
 
     def read(name):
         rows = list(csv.DictReader(open(run_dir / name))) if (run_dir / name).exists() else []
-        return lambda col: np.array([float(r[col]) for r in rows if r.get(col) not in (None, "")])
+        return lambda col: np.array([float(r.get(col) or "nan") for r in rows])  # a missing value: NaN
 
     return read("metrics.csv"), read("eval.csv")
 
