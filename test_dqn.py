@@ -499,6 +499,7 @@ def test_run_table_plot_and_a_missing_package(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "never").exists()
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
+    assert dqn.plot_run(tmp_path).exists()  # CSV files without every column (older runs) still plot
     dqn.train(tiny_args(tmp_path, "CartPole-v1", "--eval-every", "200", "--plot"), **QUIET)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -545,6 +546,13 @@ gym.register("ImageTask-v0", entry_point=type("ImageTask", (gym.Env,), dict(
     observation_space=IMAGE, action_space=gym.spaces.Discrete(2))))
 
 
+def needs_box2d():  # what LunarLander-v3 raises without its optional package
+    raise gym.error.DependencyNotInstalled("Box2D is not installed")
+
+
+gym.register("NeedsBox2D-v0", entry_point=needs_box2d)
+
+
 def run_main(capsys, *argv):
     try:
         code = dqn.main(list(argv))
@@ -563,6 +571,9 @@ def run_main(capsys, *argv):
     (["--env", "ALE/Pong-v5", "--buffer-size", "10000000"], "needs 70.7 GB but 8.0 GB is available"),
     (["--env", "CartPole-v1", "--eval-only"], "argument --load"),
     (["--env", "CartPole-v1", "--load", "/no/such.safetensors"], "no such file"),
+    (["--env", "NeedsBox2D-v0"], "cannot create NeedsBox2D-v0: Box2D is not installed"),
+    pytest.param(["--env", "CartPole-v1", "--device", "gpu"], "argument --device: gpu: MLX has no GPU",
+                 marks=pytest.mark.skipif(mx.is_available(mx.gpu), reason="this machine has a GPU")),
     (["--env", "CartPole-v1", "--buffer-size", "4", "--num-envs", "2", "--batch-size", "2",
       "--learning-starts", "2"], "--buffer-size 4 leaves fewer than 3 slots per env"),
 ])
@@ -589,8 +600,11 @@ def test_load_run_dir_and_interrupt_errors_are_one_line(tmp_path, capsys, monkey
     dqn.save_checkpoint(tmp_path, q, target, opt, IDENT, 1, 0, np.random.default_rng(0))
     (tmp_path / "junk.safetensors").write_text("not a checkpoint")
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:3000])
+    acrobot = json.dumps({"env": "Acrobot-v1", "arch": "mlp", "num_actions": 3})  # right id, wrong weights
+    mx.save_safetensors(str(tmp_path / "shapes.safetensors"), {"fc.weight": mx.zeros(2)}, {"dqn": acrobot})
     unreadable, other = "not a readable safetensors file", "saved for env=CartPole-v1, arch=mlp, num_actions"
-    for name, message in [("junk", unreadable), ("cut", unreadable), ("checkpoint", other)]:
+    for name, message in [("junk", unreadable), ("cut", unreadable), ("checkpoint", other),
+                          ("shapes", "does not match the network")]:
         path = str(tmp_path / f"{name}.safetensors")
         code, err = run_main(capsys, "--env", "Acrobot-v1", "--eval-only", "--load", path)
         assert code == 2 and message in err and path in err and "Traceback" not in err, err
