@@ -209,7 +209,7 @@ def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, mon
     lines, clock = [], [0.0]
     monkeypatch.setattr(dqn.time, "time", lambda: clock[0])
     progress = dqn.Progress(tmp_path, 100, 0, 1, lines.append)  # a run resumed at step 100
-    clock[0] = 4.9
+    clock[0] = 4.9  # under 5 seconds: no line yet
     for g in range(25):  # game g scores g in one step; the next step starts a new game
         progress.record(100 + g, np.array([float(g)]), np.array([False]), 0.5)
         progress.record(100 + g, np.array([0.0]), np.array([True]), 0.5)
