@@ -335,8 +335,8 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q4, target4, opt4, IDENT, lr=1e-3)
     assert target4 is q4 and same(q, q4)
     q5, target5, opt5 = make_learner(seed=3)  # weights only: the target starts as their copy
-    dqn.load_checkpoint(tmp_path / "model.safetensors", q5, target5, opt5, IDENT, lr=1e-3)
-    assert same(q, q5) and same(q5, target5)
+    meta = dqn.load_checkpoint(tmp_path / "model.safetensors", q5, target5, opt5, IDENT, lr=1e-3)
+    assert same(q, q5) and same(q5, target5) and not meta["full"]  # a new run: its own step 0 and run dir
 
 
 def test_new_game_is_seen_at_time_limits_and_eval_has_no_life_loss():
