@@ -85,8 +85,8 @@ def test_defaults_are_the_papers_values_or_the_documented_deviations():
                  eps_end=0.1, eps_decay_steps=1_000_000, learning_starts=50_000, train_freq=4,
                  target_update=10_000, eval_eps=0.05, eval_episodes=30, arch="nips", seed=1)
     assert {k: getattr(args, k) for k in paper} == paper
-    assert (args.optimizer, args.lr) == ("adam", 1e-4)  # the docstring's stated deviation
-    assert dqn.parse_args(["--env", "ALE/Pong-v5", "--optimizer", "rmsprop"]).lr == 2.5e-4  # 2015's
+    assert (args.optimizer, args.lr) == ("rmsprop", 2.5e-4)  # 2015's, centered as in DeepMind's code
+    assert dqn.parse_args(["--env", "ALE/Pong-v5", "--optimizer", "adam"]).lr == 1e-4
 
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size,first", [(4, 16, 8, 4, 84, True),
@@ -97,17 +97,19 @@ def test_conv_and_its_gradient_equal_conv2d(in_ch, out_ch, kernel, stride, size,
     x = mx.random.normal((2, size, size, in_ch))  # channels-last; a channels-first layer reads (B, C, H, W)
     dy = mx.random.normal((2, (size - kernel) // stride + 1, (size - kernel) // stride + 1, out_ch))
 
-    def grads(f):  # d(sum(f * dy)) / d(weight, bias)
-        return mx.grad(lambda w, b: (f(w, b) * dy).sum(), argnums=(0, 1))(conv.weight, conv.bias)
+    def grads(f):  # d(sum(f * dy)) / d(x, weight, bias)
+        return mx.grad(lambda x, w, b: (f(x, w, b) * dy).sum(), argnums=(0, 1, 2))(x, conv.weight, conv.bias)
 
-    def ours(w, b):
+    def ours(x, w, b):
         conv.update({"weight": w, "bias": b})
         return conv(x.transpose(0, 3, 1, 2) if first else x)
 
-    expected = mx.conv2d(x, conv.weight, stride=stride) + conv.bias
-    assert mx.allclose(ours(conv.weight, conv.bias), expected, atol=1e-4).item()
-    for mine, theirs in zip(grads(ours), grads(lambda w, b: mx.conv2d(x, w, stride=stride) + b), strict=True):
-        assert mx.allclose(mine, theirs, rtol=1e-4, atol=1e-4).item()  # block_conv's hand-written vjp
+    def theirs(x, w, b):
+        return mx.conv2d(x, w, stride=stride) + b
+
+    assert mx.allclose(ours(x, conv.weight, conv.bias), theirs(x, conv.weight, conv.bias), atol=1e-4).item()
+    for mine, expected in zip(grads(ours), grads(theirs), strict=True):  # block_conv's hand-written vjp
+        assert mx.allclose(mine, expected, rtol=1e-4, atol=1e-4).item()
 
 
 @pytest.mark.parametrize("arch,params", [("nips", 677_686), ("nature", 1_687_206)])
@@ -267,7 +269,7 @@ def test_td_target_terminal_and_double():
 
 
 def test_adam_is_bias_corrected_rmsprop_is_deepminds_and_both_flush_only_subnormal_averages():
-    q, target, opt = learner()  # Adam, lr 1e-2
+    q, target, opt = learner("--optimizer", "adam")  # lr 1e-2
     w0 = np.array(q.layers[0].weight)
     opt.update(q, tree_map(lambda p: mx.full(p.shape, 1e-4), q.parameters()))  # a small constant gradient g
     # Step 1 is lr * g / (|g| + eps) = 0.4 lr with bias correction and eps 1.5e-4 (0.065 lr without it).
@@ -294,7 +296,7 @@ def test_train_step_compiled_equals_eager_and_reads_the_synced_target(double):
     for compiled in (False, True):
         q, target, opt = learner()
         step = dqn.make_train_step(q, target, opt, 0.9, double, compile=compiled)
-        losses = [step(*batch(i))[0].item() for i in range(3)]  # 3 steps: Adam's state must carry over
+        losses = [step(*batch(i))[0].item() for i in range(3)]  # the optimizer state must carry over
         results.append(losses + np.array(q(batch(9)[0][:, 0])).ravel().tolist())
     assert np.allclose(results[0], results[1], atol=1e-5)
     assert same(learner()[1], target) and not same(q, target)  # the target moved only with a sync
@@ -334,9 +336,9 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     q3, target3, opt3 = learner(seed=3)  # weights only: the target starts as their copy, a new run
     assert dqn.load_checkpoint(tmp_path / "model.safetensors", q3, target3, opt3, args) == {}
     assert same(q, q3) and same(q3, target3)
-    args.optimizer = "rmsprop"  # Adam's state cannot resume an RMSProp run
+    args.optimizer = "adam"  # RMSProp's state cannot resume an Adam run
     with pytest.raises(dqn.UserError, match="optimizer"):
-        dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", *learner("--optimizer", "rmsprop"), args)
+        dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", *learner("--optimizer", "adam"), args)
 
 
 def test_rewards_are_clipped_for_the_learner_on_atari_only_and_logged_real(tmp_path, monkeypatch):
@@ -384,7 +386,7 @@ VARIANT = ["--eval-every", "300", "--eval-episodes", "2", "--target-update", "15
 
 
 @pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"],
-                                   ["--train-freq", "2"], ["--gamma", "0.5"], ["--optimizer", "rmsprop"]])
+                                   ["--train-freq", "2"], ["--gamma", "0.5"], ["--optimizer", "adam"]])
 def test_each_variant_changes_learning_and_the_same_seed_repeats(tmp_path, monkeypatch, flags, baseline):
     updates, real_update = [], dqn.Progress.update
     monkeypatch.setattr(dqn.Progress, "update", lambda self, *a: updates.append(a) or real_update(self, *a))
