@@ -342,8 +342,7 @@ def sync_target(q, target):
 
 # ---------------------------------------------------------------------------------------- training loop
 def train(args, log=None):
-    """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network.
-    Writes config.json, metrics.csv, eval.csv and checkpoints into the run dir; returns a summary dict."""
+    """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network."""
     log, env = log or say, Env(args.env, args.num_envs, train=True)
     replay = make_replay(env, args)  # refused before anything is written when it cannot fit
     q, target, opt = make_learner(env, args)
