@@ -279,8 +279,7 @@ class FlushedAdam(optim.Adam):
 
 class CenteredRMSprop(optim.RMSprop):
     """The 2015 paper's RMSProp as DeepMind's code runs it: g and g2 average the gradient and its square
-    (decay 0.95), and the step is lr * grad / sqrt(g2 - g^2 + eps). Its eps, 0.01 for a gradient summed over
-    32 samples, is 0.01 / 32^2 = 1e-5 (Dopamine's) for our batch-mean loss."""
+    (decay 0.95), and the step is lr * grad / sqrt(g2 - g^2 + eps); eps as the docstring's list explains."""
 
     def init_single(self, parameter, state):
         state["g"], state["v"] = mx.zeros_like(parameter), mx.zeros_like(parameter)

@@ -122,9 +122,9 @@ def test_atari_network_shapes_and_pixel_scale(arch, params, monkeypatch):
     assert sum(v.size for _, v in tree_flatten(q.parameters())) == params  # nips: 663,808 in fc (2592x256)
 
 
-def fill(replay, steps, value_of, terminated_at=(), new_game_at=()):
-    """Feeds frame value_of(e, t) at step t with reward 10 t + e; a terminal step ends a game unless lives are
-    left ((e, t) in new_game_at only after a terminal marks a life lost instead)."""
+def fill(replay, steps, value_of, terminated_at=(), life_lost_at=()):
+    """Feeds frame value_of(e, t) at step t with reward 10 t + e. A terminal step ends the game, unless it is
+    also in life_lost_at: then only a life ends and the game goes on."""
     n = replay.num_envs
     replay.write(np.array([[value_of(e, 0)] for e in range(n)]), first=True)
     new_game = np.zeros(n, bool)
@@ -132,7 +132,7 @@ def fill(replay, steps, value_of, terminated_at=(), new_game_at=()):
         term = np.array([(e, t) in terminated_at for e in range(n)])
         frame = np.array([[value_of(e, t)] for e in range(n)])
         replay.add(np.full(n, t - 1), 10.0 * (t - 1) + np.arange(n), term, frame, new_game)
-        new_game = term & np.array([(e, t) not in new_game_at for e in range(n)])
+        new_game = term & np.array([(e, t) not in life_lost_at for e in range(n)])
 
 
 def all_samples(replay):
@@ -144,7 +144,7 @@ def all_samples(replay):
 
 def test_replay_rebuilds_stacks_hides_other_games_and_lives_and_keeps_rewards():
     replay = dqn.Replay(12, 1, (1,), np.int64, stack=4)
-    fill(replay, 9, lambda e, t: t + 1, terminated_at={(0, 3), (0, 6)}, new_game_at={(0, 6)})
+    fill(replay, 9, lambda e, t: t + 1, terminated_at={(0, 3), (0, 6)}, life_lost_at={(0, 6)})
     got = all_samples(replay)  # frame 4 ends a game, frame 5 starts one; the step to frame 7 loses a life
     assert set(got) == {1, 2, 3, 5, 6, 7, 8}  # no transition starts from the last frame of a game
     assert got[1] == ([0, 0, 0, 1, 2], 0, 0.0, False)  # zeros before the first frame, as the env shows
