@@ -256,11 +256,8 @@ def act(q, obs, eps, rng, num_actions):
 def td_target(q_next_target, q_next_online, reward, terminated, gamma, double):
     """y = r + gamma * max_a' Q(s', a'; theta^-), and y = r where s' is terminal (2013, Algorithm 1).
     Double DQN lets the online net choose a' and the target net value it (van Hasselt et al. 2016)."""
-    if double:
-        best = mx.argmax(q_next_online, axis=1, keepdims=True)  # (B, 1)
-        next_value = mx.take_along_axis(q_next_target, best, axis=1)[:, 0]
-    else:
-        next_value = q_next_target.max(axis=1)  # (B,)
+    best = (q_next_online if double else q_next_target).argmax(axis=1, keepdims=True)  # a': (B, 1)
+    next_value = mx.take_along_axis(q_next_target, best, axis=1)[:, 0]  # (B,)
     return reward + gamma * (1.0 - terminated) * next_value
 
 
@@ -610,8 +607,9 @@ def load_checkpoint(path, q, target, opt, args):
         why = "not a safetensors file" if Path(path).is_file() else "no such file"
         raise UserError(f"--load {path}: {why}") from None
     state = tree_unflatten(list(arrays.items()))
+    resume = "q" in state and not args.eval_only  # the optimizer state matters only to a resumed run
     expect = dict(env=args.env, arch=args.arch if args.atari else "mlp", optimizer=args.optimizer)
-    saved = {k: meta.get(k, "?") for k in expect if k != "optimizer" or "q" in state}  # weights: any opt.
+    saved = {k: meta.get(k, "?") for k in expect if k != "optimizer" or resume}
     if saved != {k: expect[k] for k in saved}:
         raise UserError(f"--load {path}: saved for {saved}, but this run has {expect}")
     try:
@@ -619,10 +617,9 @@ def load_checkpoint(path, q, target, opt, args):
         target.load_weights(tree_flatten(state.get("target", state)))
     except ValueError as e:
         raise UserError(f"--load {path}: does not fit the network: {str(e).splitlines()[0]}") from None
-    if "q" not in state:  # weights only: a new run starts from them
-        return {}
-    opt.state = dict(state["opt"], learning_rate=mx.array(args.lr))
-    return meta
+    if resume:
+        opt.state = dict(state["opt"], learning_rate=mx.array(args.lr))
+    return meta if "q" in state else {}  # weights only: a new run starts from them
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -703,31 +700,24 @@ def plot_run(run_dir):
 
 # ------------------------------------------------------------------------------------ CPU convolutions
 class Conv(nn.Conv2d):
-    """nn.Conv2d's function, weights and init, computed so that MLX's CPU trains it several times faster.
+    """nn.Conv2d's function, weights and init, computed so that MLX's CPU trains it several times faster: a
+    stride-s convolution is a stride-1 one over s x s blocks (space-to-depth). An 8x8/4 convolution over 84x84
+    becomes a 2x2/1 convolution over 21x21 blocks of 4*4*4 = 64 values, one matrix product in `block_conv`."""
 
-    A stride-s convolution is a stride-1 one over s x s blocks (space-to-depth): an 8x8/4 convolution over
-    84x84 becomes a 2x2/1 convolution over 21x21 blocks of 4*4*4 = 64 values, which `block_conv` computes as
-    one matrix product. A channels-first layer reads (B, C, H, W), as the frames arrive, and cuts its blocks
-    straight from it. A stride-1 layer (the 2015 conv3) runs `conv_s1`, which has the same gradient.
-    """
+    channels_first = False  # conv1 reads (B, C, H, W), as the frames arrive, and cuts its blocks from it
 
-    def __call__(self, x):
+    def __call__(self, x):  # (B, H, W, C) -> (B, (H-k)/s+1, (W-k)/s+1, O)
         (o, k, _, c), s = self.weight.shape, self.stride[0]
-        if s == 1:  # (B, H, W, C) -> (B, H-k+1, W-k+1, O)
-            return conv_s1(x, self.weight.transpose(1, 2, 3, 0), self.bias)
-        n = k // s  # (O, k, k, C) -> (O, n, s, n, s, C): kernel tap (i, j) acts on block (p+i, q+j)
+        n = k // s  # kernel tap (i, j) acts on block (p+i, q+j): (O, k, k, C) -> (O, n, s, n, s, C)
         taps = self.weight.reshape(o, n, s, n, s, c)
-        if getattr(self, "channels_first", False):  # (B, C, H, W) -> (B, H/s, W/s, C, s, s)
-            b, _, h, w = x.shape
-            x = x.reshape(b, c, h // s, s, w // s, s).transpose(0, 2, 4, 1, 3, 5)
-            taps = taps.transpose(1, 3, 5, 2, 4, 0)  # (n, n, C, s, s, O)
-        else:  # (B, H, W, C) -> (B, H/s, W/s, s, s, C)
-            b, h, w, _ = x.shape
-            x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-            taps = taps.transpose(1, 3, 2, 4, 5, 0)  # (n, n, s, s, C, O)
-        # Each block's s*s*C values become its channels: (B, H/s, W/s, s*s*C) and (n, n, s*s*C, O).
-        blocks, taps = x.reshape(b, h // s, w // s, -1), taps.reshape(n, n, -1, o)
-        return block_conv(blocks, taps, self.bias)  # (B, (H-k)/s+1, (W-k)/s+1, O)
+        if self.channels_first:  # -> (B, H/s, W/s, C, s, s) and (n, n, C, s, s, O)
+            (b, _, h, w), order = x.shape, (0, 2, 4, 1, 3, 5)
+            x, taps = x.reshape(b, c, h // s, s, w // s, s), taps.transpose(1, 3, 5, 2, 4, 0)
+        else:  # -> (B, H/s, W/s, s, s, C) and (n, n, s, s, C, O)
+            (b, h, w, _), order = x.shape, (0, 1, 3, 2, 4, 5)
+            x, taps = x.reshape(b, h // s, s, w // s, s, c), taps.transpose(1, 3, 2, 4, 5, 0)
+        blocks = x.transpose(order).reshape(b, h // s, w // s, -1)  # a block's s*s*C values are its channels
+        return block_conv(blocks, taps.reshape(n, n, -1, o), self.bias)
 
 
 @mx.custom_function
@@ -739,12 +729,7 @@ def block_conv(x, w, bias):
     return bias + sum(z[:, i:i + h - n + 1, j:j + wd - n + 1, i, j] for i in range(n) for j in range(n))
 
 
-@mx.custom_function
-def conv_s1(x, w, bias):
-    """block_conv's function with MLX's own forward: for a 3x3 kernel, faster in the whole update."""
-    return mx.conv2d(x, w.transpose(3, 0, 1, 2)) + bias  # w: (n, n, D, O) -> nn.Conv2d's (O, n, n, D)
-
-
+@block_conv.vjp
 def block_conv_vjp(primals, dy, y):
     """The gradient of both, by hand: autodiff would scatter dy into n*n zero arrays the size of z. Put dy
     (B, oh, ow, O) on x's H x W grid (zeros where there is no output) and flatten both to rows: tap (i, j)
@@ -762,10 +747,6 @@ def block_conv_vjp(primals, dy, y):
     for i, j, sh in taps:  # (B*H*W, O) @ (O, D), accumulated by the BLAS (mx.addmm: beta = 1)
         dx = mx.addmm(dx, dy_z[top - sh:top - sh + rows], w[i, j].T)
     return dx.reshape(x.shape), dw.reshape(n, n, d, o), dy.reshape(-1, o).sum(axis=0)
-
-
-block_conv.vjp(block_conv_vjp)  # registered on both (a decorator would register only one)
-conv_s1.vjp(block_conv_vjp)
 
 
 def main(argv=None):
