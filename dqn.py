@@ -169,7 +169,7 @@ class Linear(nn.Module):
         self.bias = mx.random.uniform(-scale, scale, (out_dim,))
 
     def __call__(self, x):
-        return x.reshape(x.shape[0], -1) @ self.weight + self.bias
+        return mx.addmm(self.bias, x.reshape(x.shape[0], -1), self.weight)  # bias + x @ W: one BLAS call
 
 
 def q_network(env, arch):
