@@ -171,18 +171,18 @@ def test_replay_wraps_around_keeps_envs_apart_and_bootstraps_at_time_limits():
 
 
 def test_atari_run_writes_its_files_and_replays_the_stacks_the_agent_acted_on(tmp_path, monkeypatch):
-    """The real loop on a real Atari game: 2 envs, a buffer that wraps 5 times, lives lost and games over."""
+    """The real loop on a real Atari game: 2 envs, a buffer that wraps 3 times, lives lost and games over."""
     seen, replays, real_act, real_replay = [], [], dqn.act, dqn.make_replay
     monkeypatch.setattr(dqn, "act", lambda q, obs, *a: seen.extend([obs.copy()] * (len(obs) == 2))
                         or real_act(q, obs, *a))  # training plays 2 envs, evaluation 3
     monkeypatch.setattr(dqn, "make_replay", lambda *a: replays.append(real_replay(*a)) or replays[0])
     video = ["--video"] * bool(importlib.util.find_spec("PIL"))  # Pillow comes with matplotlib
-    flags = "--num-envs 2 --buffer-size 400 --total-steps 2000 --batch-size 8 --eval-every 1000"
+    flags = "--num-envs 2 --buffer-size 400 --total-steps 1200 --batch-size 8 --eval-every 600"
     args = args_for(tmp_path, "ALE/Breakout-v5", *flags.split(), "--eval-episodes", "3", "--eval-eps", "1",
                     *video)  # random play: short evaluation games
     out, run = dqn.train(args, **QUIET), tmp_path / "run"
-    evals = [e["step"] for e in out["evals"]]  # one at each crossing of a multiple of 1000, one at the end
-    assert 2000 <= out["step"] < 2002 and [e // 1000 for e in evals] == [1, 2] and evals[-1] == out["step"]
+    evals = [e["step"] for e in out["evals"]]  # one at each crossing of a multiple of 600, one at the end
+    assert 1200 <= out["step"] < 1202 and [e // 600 for e in evals] == [1, 2] and evals[-1] == out["step"]
     video = [e for e in evals if video]
     assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "eval.csv", "model.safetensors",
                                                 "checkpoint.safetensors", *(f"eval-{e}.gif" for e in video)}
