@@ -729,7 +729,7 @@ def block_conv(x, w, bias):
 
 @block_conv.vjp
 def block_conv_vjp(primals, dy, y):
-    """The gradient of both, by hand: autodiff would scatter dy into n*n zero arrays the size of z. Put dy
+    """block_conv's gradient, by hand: autodiff would scatter dy into n*n zero arrays the size of z. Put dy
     (B, oh, ow, O) on x's H x W grid (zeros where there is no output) and flatten both to rows: tap (i, j)
     met block row k at output row k - (i*W + j), so each tap's gradients are products of row ranges, read in
     place by the BLAS."""
