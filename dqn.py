@@ -704,7 +704,7 @@ class Conv(nn.Conv2d):
 
     channels_first = False  # conv1 reads (B, C, H, W), as the frames arrive, and cuts its blocks from it
 
-    def __call__(self, x):  # (B, H, W, C) -> (B, (H-k)/s+1, (W-k)/s+1, O)
+    def __call__(self, x):  # (B, H, W, C), or (B, C, H, W) if channels_first -> (B, (H-k)/s+1, (W-k)/s+1, O)
         (o, k, _, c), s = self.weight.shape, self.stride[0]
         n = k // s  # kernel tap (i, j) acts on block (p+i, q+j): (O, k, k, C) -> (O, n, s, n, s, C)
         taps = self.weight.reshape(o, n, s, n, s, c)
