@@ -280,10 +280,10 @@ class CenteredRMSprop(optim.RMSprop):
 
     def apply_single(self, gradient, parameter, state):
         decay, lr = self.alpha, self.learning_rate.astype(gradient.dtype)
-        g = decay * state["g"] + (1 - decay) * gradient
         # Averages that decay toward 0 would become subnormal floats, ~100x slower on x86 CPUs: g under 1e-15
-        # (whose square would be one) is 0 and v stays above 1e-30; beside eps, neither moves the weights.
-        g = state["g"] = mx.where(mx.abs(g) < 1e-15, 0.0, g)
+        # (whose square would be one) is read as 0, v stays above 1e-30: beside eps, neither moves weights.
+        g = mx.where(mx.abs(state["g"]) < 1e-15, 0.0, state["g"])  # flushed as read, as Adam's are: faster
+        g = state["g"] = decay * g + (1 - decay) * gradient
         v = state["v"] = mx.maximum(decay * state["v"] + (1 - decay) * mx.square(gradient), 1e-30)
         return parameter - lr * gradient / mx.sqrt(v - mx.square(g) + self.eps)
 
