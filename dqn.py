@@ -14,8 +14,8 @@ Differences from the papers (paper -> ours -> why):
   DeepMind's released code (NeuralQLearner.lua) and Dopamine count it. `--target-update 0`: the 2013 target.
 - Optimizer: the 2015 paper's centered RMSProp -> Adam (lr 1e-4, eps 1.5e-4) on Atari -> it learned faster on
   Asterix, 1M steps, one seed each (README). Its eps exceeds sqrt(v), so it steps about lr * m / eps.
-  `--optimizer rmsprop` is the paper's rule: lr 2.5e-4, decay 0.95, and its 0.01 under the root for a
-  gradient summed over 32 samples as 1e-5 for our batch-mean loss, as in Dopamine. Classic tasks default to
+  `--optimizer rmsprop` is the paper's rule: lr 2.5e-4, decay 0.95 and 1e-5 under the root (its 0.01 for a
+  gradient summed over 32 samples, scaled to our batch-mean loss, as in Dopamine). Classic tasks default to
   it: it ended higher on CartPole over 10 seeds.
 - Replay start, discount, train frequency: not in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
 - Epsilon: annealed "over the first million frames" -> over 1M agent steps from the start of learning, as the
