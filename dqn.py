@@ -10,19 +10,14 @@
 An agent step is one action: 4 emulator frames on Atari, so the paper's 10M frames are 2.5M agent steps.
 
 Differences from the papers (paper -> ours -> why):
-- Target network, Huber loss: none in 2013 -> both (2015) -> they made DQN stable. C = 10,000 agent steps, as
-  DeepMind's released code (NeuralQLearner.lua) and Dopamine count it. `--target-update 0`: the 2013 target.
-- Optimizer: the 2015 paper's centered RMSProp -> Adam (lr 1e-4, eps 1.5e-4) on Atari -> it learned faster on
-  Asterix, 1M steps, one seed each (README). Its eps exceeds sqrt(v), so it steps about lr * m / eps.
-  `--optimizer rmsprop` is the paper's rule: lr 2.5e-4, decay 0.95 and 1e-5 under the root (its 0.01 for a
-  gradient summed over 32 samples, scaled to our batch-mean loss, as in Dopamine). Classic tasks default to
-  it: it ended higher on CartPole over 10 seeds.
+- Target network, Huber loss: none in 2013 -> both (2015) -> they made DQN stable. `--target-update 0`: 2013.
+- Target period C: 10,000 agent steps, as DeepMind's released code (NeuralQLearner.lua) and Dopamine count it.
+- Optimizer: 2015's centered RMSProp -> Adam (lr 1e-4, eps 1.5e-4) on Atari -> it learned faster on Asterix
+  (README). Its eps exceeds sqrt(v), so it steps about lr * m / eps. Classic tasks keep the paper's rule.
 - Replay start, discount, train frequency: not in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
-- Epsilon: annealed "over the first million frames" -> over 1M agent steps from the start of learning, as the
-  released code counts them; the random fill before it plays at 1.0.
+- Epsilon: over "the first million frames" -> 1M agent steps from the start of learning, as the code counts.
 - Reward clipping: Atari only, where "the scale of scores varies greatly from game to game". Logs: real score.
-- Life loss: terminal for the learner in training only (2015); the frame stack starts afresh after it, as in
-  DeepMind's replay and Dopamine.
+- Life loss: terminal for the learner in training only (2015), and a fresh frame stack, as DeepMind's replay.
 - Game start: up to 30 no-op actions (2015) -> ale-py's 0-29 no-op frames, then FIRE where the game has it.
 - Evaluation (2015): 30 games of at most 18,000 frames, epsilon 0.05.
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
@@ -41,6 +36,7 @@ import os
 import signal
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +124,9 @@ def parse_args(argv=None):
                ("learning_starts", args.learning_starts >= args.batch_size, "must be at least --batch-size"),
                ("load", args.load or not args.eval_only, "is required with --eval-only"),
                ("device", args.device != "gpu" or mx.is_available(mx.gpu), "gpu: MLX has no GPU here"),
-               ("video", args.atari or not args.video, "records Atari games only")]
+               ("video", args.atari or not args.video, "records Atari games only"),
+               ("plot", not args.plot or find_spec("matplotlib"), "needs matplotlib: pip install matplotlib"),
+               ("video", not args.video or find_spec("PIL"), "needs Pillow: pip install pillow")]
     for name, ok, why in checks:
         if not ok:  # one line, without argparse's usage block
             raise UserError(f"argument --{name.replace('_', '-')}: {why}")
@@ -187,11 +185,9 @@ class Replay:
     """Mnih et al. 2013, sec. 4: "we store the agent's experiences at each time-step, e_t = (s_t, a_t, r_t,
     s_t+1) in a data-set D [...] In practice, our algorithm only stores the last N experience tuples."
 
-    Each frame is stored once: phi(s_t) is rebuilt at sample time from frames t-3..t and s_t+1 from t-2..t+1,
-    so 1M Atari transitions take 7.1 GB, not 56. All envs step together: `frames` is (slots, envs, *frame).
-    Slot t also holds the action taken from it and what followed. `first` marks the first frame of a life,
-    before which a stack shows zeros, as the agent saw it when it acted.
-    """
+    Each frame is stored once: phi(s_t) is rebuilt from frames t-3..t and s_t+1 from t-2..t+1 when sampled, so
+    1M Atari transitions take 7.1 GB, not 56. Arrays are (slots, envs, ...): all envs step together. Slot t
+    holds frame t, the action taken from it and what followed; `first` marks the first frame of a life."""
 
     def __init__(self, capacity, num_envs, frame_shape, dtype, stack):
         self.slots, self.num_envs, self.stack = capacity // num_envs, num_envs, stack
@@ -202,18 +198,14 @@ class Replay:
         self.valid = np.zeros(shape, bool)  # a complete transition starts at this slot
         self.pos, self.full = 0, False
 
-    def write(self, frame, first):  # frame: (N, *frame_shape), the newest of every env
-        self.frames[self.pos], self.first[self.pos], self.valid[self.pos] = frame, first, False
-        self.pos = (self.pos + 1) % self.slots
-        self.full = self.full or self.pos == 0
-
     def add(self, action, reward, terminated, next_frame, new_game):
-        """Completes the transitions from the last frame and stores the next. Where `new_game`, the step
-        ignored its action and next_frame starts a new game: no transition joins the two games."""
-        t = (self.pos - 1) % self.slots
+        """Completes the transitions from the last frames and stores the next, (N, *frame_shape). Where
+        `new_game`, the step ignored its action and next_frame starts a game: no transition joins two."""
+        t, pos = (self.pos - 1) % self.slots, self.pos
         self.action[t], self.reward[t], self.terminated[t] = action, reward, terminated
-        self.write(next_frame, new_game | terminated)  # after a terminal, a new life or a new game
         self.valid[t] = ~new_game
+        self.frames[pos], self.first[pos], self.valid[pos] = next_frame, new_game | terminated, False
+        self.pos, self.full = (pos + 1) % self.slots, self.full or pos + 1 == self.slots
 
     def sample(self, batch_size, rng):
         """2013, sec. 4: "we apply Q-learning updates, or minibatch updates, to samples of experience, e ~ D,
@@ -351,7 +343,7 @@ def train(args, log=None):
     progress = Progress(run_dir, step, meta.get("episodes", 0), args.num_envs, log)
     evaluator = Evaluator(args, q, run_dir, log) if args.eval_every else None
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
-    replay.write(env.newest_frame(obs), first=True)
+    replay.add(0, 0, False, env.newest_frame(obs), np.ones(args.num_envs, bool))  # the first frames
     next_update, next_sync = step + args.learning_starts, step + args.target_update
     with stop_on_signals() as stopped:
         while step < args.total_steps and not stopped:
@@ -470,8 +462,8 @@ def is_atari(env_id):
 
 class Env:
     """N copies of a game, stepped together. recv() returns the observation, the real reward, `terminated`
-    (stops bootstrapping; in Atari training also a lost life) and `new_game`: with next-step autoreset, the
-    step after a game ends (game over or time limit) ignores its action and starts a new game."""
+    (in Atari training also a lost life) and `new_game`: with next-step autoreset, the step after a game ends
+    (game over or time limit) ignores its action and starts a new game."""
 
     def __init__(self, env_id, num_envs, train):
         self.atari, self.num_envs = is_atari(env_id), num_envs
@@ -499,8 +491,7 @@ class Env:
         self.age = np.ones(self.num_envs, int)  # frames of the current life in the stack, up to 4
         return obs
 
-    def send(self, actions):
-        """Starts the step; Atari emulators run in ale-py's threads until recv()."""
+    def send(self, actions):  # Atari emulators run in ale-py's threads until recv()
         self.vec.send(actions) if self.atari else setattr(self, "pending", actions)
 
     def recv(self):
@@ -537,8 +528,8 @@ def make_atari(spec, num_envs, train):
         full_action_space=kwargs.get("full_action_space", False),
         # Nature 2015 evaluation: "each episode [...] for up to 5 min" = 18,000 frames at 60 Hz.
         max_num_frames_per_episode=kwargs.get("max_num_frames_per_episode", 108_000) if train else 18_000,
-        # Not episodic_life=True: it resets the whole game at each lost life, so the agent would never see
-        # its second life. life_loss_info reports `terminated` at each lost life while the game goes on.
+        # Not episodic_life, which resets the whole game at each lost life: the agent would never see its
+        # second life. life_loss_info reports `terminated` at each lost life while the game goes on.
         noop_max=30, episodic_life=False, life_loss_info=train,
         reward_clipping=False)  # the learner clips, so that the logs show the real score
 
@@ -559,8 +550,8 @@ def make_replay(env, args):
 
 
 def start_run(env, args, meta, log):
-    """Makes the run dir (--run-dir, else a resumed checkpoint's own, else a new one), writes config.json
-    and logs the banner line, which names the BLAS. Returns the run dir."""
+    """Makes the run dir (--run-dir, a resumed checkpoint's own, or a new one), writes config.json, and logs
+    the banner, which names the BLAS. Returns the run dir."""
     run_dir = Path(args.run_dir or (Path(args.load).parent if meta else Path(
         f"runs/{args.env.replace('/', '_')}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")))
     try:
@@ -573,17 +564,15 @@ def start_run(env, args, meta, log):
     if BLAS is None and mx.default_device() == mx.cpu:
         log(f"hint: {BLAS_HINT}")
     if meta.get("step") and not args.eval_only:
-        eps = epsilon(meta["step"] - args.learning_starts, args.eps_start, args.eps_end, args.eps_decay_steps)
-        log(f"resumed at step {meta['step']:,}, epsilon {eps:.3f}; {args.learning_starts:,} steps refill the "
-            "replay before learning goes on")
+        log(f"resumed at step {meta['step']:,}; {args.learning_starts:,} steps refill the replay first")
     return run_dir
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir, q, target, opt, args, step, episodes, rng):
     """checkpoint.safetensors resumes a run (both nets, optimizer, counters, RNG state); model.safetensors
-    holds Q's weights alone, for `model.load_weights`. Each is written to a temporary name, then renamed:
-    a crash or a full disk mid-write keeps the previous file."""
+    holds Q's weights alone. Each is written under a temporary name, then renamed: a crash or a full disk
+    mid-write keeps the previous file."""
     meta = json.dumps(dict(env=args.env, arch=args.arch if args.atari else "mlp", optimizer=args.optimizer,
                            step=step, episodes=episodes, rng=rng.bit_generator.state))
     full = {"q": q.parameters(), "target": target.parameters(), "opt": opt.state}
@@ -598,8 +587,8 @@ def save_checkpoint(run_dir, q, target, opt, args, step, episodes, rng):
 
 
 def load_checkpoint(path, q, target, opt, args):
-    """Loads Q's weights and, from a full checkpoint, the target and the optimizer; returns the metadata to
-    resume from, or {} for weights alone. The learning rate stays the one given now: --lr may change."""
+    """Loads Q's weights and, from a full checkpoint, the target and the optimizer with the new --lr. Returns
+    the metadata to resume from, or {} for weights alone."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         meta = json.loads(metadata.get("dqn", "{}"))
@@ -640,8 +629,8 @@ class Evaluator:
         self.states = mx.array(np.concatenate(states))  # (500 or 100, *obs_shape)
         env.vec.close()
 
-    def play(self, step):
-        """The real score of each game; with --video, the first game saved as eval-<step>.gif."""
+    def __call__(self, step):
+        """Plays one game per env to its end and logs the real scores; --video saves game 0's frames."""
         a, seed = self.args, self.args.seed + 1 + step
         env, rng = Env(a.env, a.eval_episodes, train=False), np.random.default_rng(seed)
         obs, returns, running, frames = env.reset(seed=seed), np.full(a.eval_episodes, np.nan), 0, []
@@ -650,25 +639,25 @@ class Evaluator:
             obs, reward, _, new_game = env.step(act(self.q, obs, a.eval_eps, rng, env.num_actions))
             returns, running = np.where(new_game & np.isnan(returns), running, returns), running + reward
         env.vec.close()
-        if a.video:  # enlarged 2x, one agent step (4 frames at 60 Hz) per 67 ms; PIL comes with matplotlib
-            from PIL import Image
-
-            images = [Image.fromarray(frame).resize((168, 168), Image.NEAREST) for frame in frames]
-            images[0].save(self.run_dir / f"eval-{step}.gif", save_all=True, append_images=images[1:],
-                           duration=67)
-        return returns
-
-    def __call__(self, step):
-        returns, eps = self.play(step), self.args.eval_eps
+        if a.video:
+            save_gif(frames, self.run_dir / f"eval-{step}.gif")
         row = dict(step=step, mean_return=returns.mean(), std_return=returns.std(), episodes=len(returns),
                    avg_max_q=self.q(self.states).max(axis=1).mean().item())  # sync point
         self.write(*row.values())
         self.rows.append(row)
         self.log(f"eval at step {step:,}: return {row['mean_return']:.1f} +- {row['std_return']:.1f} over "
-                 f"{len(returns)} games (epsilon {eps}) | avg max Q {row['avg_max_q']:.3f}")
-        if self.args.plot:
+                 f"{len(returns)} games (epsilon {a.eval_eps}) | avg max Q {row['avg_max_q']:.3f}")
+        if a.plot:
             plot_run(self.run_dir)
         return row
+
+
+def save_gif(frames, path):
+    """What the network sees: (84, 84) frames enlarged 2x, one agent step (4 frames at 60 Hz) per 67 ms."""
+    from PIL import Image  # Pillow comes with matplotlib
+
+    images = [Image.fromarray(frame).resize((168, 168), Image.NEAREST) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=67)
 
 
 def plot_run(run_dir):
@@ -685,16 +674,14 @@ def plot_run(run_dir):
     steps, returns = column("metrics.csv", "step"), column("metrics.csv", "episodic_return")
     evals = [column("eval.csv", c) for c in ("step", "mean_return", "std_return", "avg_max_q")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, returns, ".", alpha=0.3, label="one game")
-    axes[0].plot(steps, [returns[max(0, i - 99):i + 1].mean() for i in range(len(returns))], label="last 100")
-    axes[0].legend()
+    axes[0].plot(steps, returns, ".", alpha=0.3)
+    axes[0].plot(steps, [returns[max(0, i - 99):i + 1].mean() for i in range(len(returns))])  # last 100
     axes[1].errorbar(*evals[:2], yerr=evals[2], marker="o")
     axes[2].plot(evals[0], evals[3], marker="o")
-    for ax, title in zip(axes, ("Training return", "Evaluation return", "Average max Q, held-out states"),
-                         strict=True):
+    for ax, title in zip(axes, ("Training return (one game, last 100)", "Evaluation return",
+                                "Average max Q, held-out states"), strict=True):
         ax.set(title=title, xlabel="agent steps")
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
+    fig.savefig(run_dir / "curves.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -731,10 +718,9 @@ def block_conv(x, w, bias):
 
 @block_conv.vjp
 def block_conv_vjp(primals, dy, y):
-    """block_conv's gradient, by hand: autodiff would scatter dy into n*n zero arrays the size of z. Put dy
-    (B, oh, ow, O) on x's H x W grid (zeros where there is no output) and flatten both to rows: tap (i, j)
-    met block row k at output row k - (i*W + j), so each tap's gradients are products of row ranges, read in
-    place by the BLAS."""
+    """By hand: autodiff would scatter dy into n*n zero arrays the size of z. Put dy (B, oh, ow, O) on x's
+    H x W grid (zeros where there is no output) and flatten both to rows: tap (i, j) met block row k at output
+    row k - (i*W + j), so each tap's gradients are products of row ranges, read in place by the BLAS."""
     x, w, bias = primals
     (b, h, wd, d), (n, _, _, o) = x.shape, w.shape
     r, rows, top = n - 1, b * h * wd, (n - 1) * (wd + 1)  # top: the largest shift
@@ -754,11 +740,6 @@ def main(argv=None):
         args = parse_args(argv)
         if args.device:
             mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-        if args.plot or args.video:  # checked at start, not after hours of training
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise UserError("--plot and --video need matplotlib: pip install matplotlib") from None
         # An update cycles through ~90 MiB of temporaries; MLX's CPU keeps only 32 MiB of freed buffers.
         mx.set_cache_limit(max(mx.set_cache_limit(128 << 20), 128 << 20))
         if not args.eval_only:

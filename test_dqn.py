@@ -128,7 +128,7 @@ def fill(replay, steps, value_of, terminated_at=(), life_lost_at=()):
     """Feeds frame value_of(e, t) at step t with reward 10 t + e. A terminal step ends the game, unless it is
     also in life_lost_at: then only a life ends and the game goes on."""
     n = replay.num_envs
-    replay.write(np.array([[value_of(e, 0)] for e in range(n)]), first=True)
+    replay.add(0, 0, False, np.array([[value_of(e, 0)] for e in range(n)]), np.ones(n, bool))
     new_game = np.zeros(n, bool)
     for t in range(1, steps):
         term = np.array([(e, t) in terminated_at for e in range(n)])
@@ -352,8 +352,8 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
 
 def test_rewards_are_clipped_for_the_learner_on_atari_only_and_logged_real(tmp_path, monkeypatch):
     added, real_add = [], dqn.Replay.add
-    monkeypatch.setattr(dqn.Replay, "add", lambda self, a, r, *more: added.append(r) or real_add(self, a, r,
-                                                                                              *more))
+    monkeypatch.setattr(dqn.Replay, "add", lambda self, a, r, *more: added.append(np.atleast_1d(r))
+                        or real_add(self, a, r, *more))
     dqn.train(args_for(tmp_path, "ALE/SpaceInvaders-v5", "--total-steps", "300"), **QUIET)
     assert {float(r[0]) for r in added} == {0.0, 1.0}  # an invader is worth 5-30 points
     env, rng = dqn.Env("ALE/SpaceInvaders-v5", 1, train=True), np.random.default_rng(0)
@@ -430,7 +430,7 @@ def test_resume_continues_step_epsilon_rng_target_and_files(tmp_path, monkeypatc
     out = dqn.train(args, log=lines.append)
     assert states[0] == saved_rng and seeds[0] == 1 + 450  # the random stream goes on; new games
     assert len(syncs) == 2 and syncs[1] >= 200  # make_learner's copy, then the saved target serves to 650
-    assert lines[0].startswith("env CartPole-v1: 2 actions") and "resumed at step 450, eps" in lines[-2]
+    assert lines[0].startswith("env CartPole-v1: 2 actions") and "resumed at step 450;" in lines[-2]
     assert 700 <= out["step"] < 710 and out["run_dir"] == tmp_path / "run" and not Path("runs").exists()
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
     assert [int(r[1]) for r in rows[1:]] == list(range(1, len(rows)))  # one header; games numbered on
@@ -452,10 +452,11 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_plot_and_a_missing_package(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: refused before training
-    for flag in ("--plot", "--video"):
-        code, err = run_main(capsys, "--env", "ALE/Pong-v5", flag, "--run-dir", str(tmp_path / "never"))
-        assert code == 2 and err.endswith("--plot and --video need matplotlib: pip install matplotlib\n")
+    for flag, module, package in (("plot", "matplotlib", "matplotlib"), ("video", "PIL", "pillow")):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: refused before training
+        code, err = run_main(capsys, "--env", "ALE/Pong-v5", f"--{flag}", f"--run-dir={tmp_path / 'never'}")
+        assert code == 2 and err.startswith(f"dqn.py: error: argument --{flag}: needs ")
+        assert err.endswith(f"pip install {package}\n") and err.count("\n") == 1
     assert not (tmp_path / "never").exists()
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
