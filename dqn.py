@@ -409,9 +409,9 @@ def say(line):
 
 def csv_writer(path, columns):
     """A function that appends a row to a CSV file and flushes it: a crash loses nothing already written."""
-    new, file = not path.exists(), open(path, "a", newline="")
+    file = open(path, "a", newline="")
     writer = csv.writer(file)
-    if new:
+    if file.tell() == 0:  # a new file, or one left empty by a run killed before its first row
         writer.writerow(columns.split())
     return lambda *row: (writer.writerow(row), file.flush())
 

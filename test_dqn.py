@@ -227,6 +227,7 @@ def test_a_lost_life_starts_a_fresh_stack_and_new_games_are_seen_at_time_limits(
 def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, monkeypatch):
     lines, clock = [], [0.0]
     monkeypatch.setattr(dqn.time, "time", lambda: clock[0])
+    (tmp_path / "metrics.csv").touch()  # left empty by a run killed before its first game ended
     progress = dqn.Progress(tmp_path, 100, 0, 1, lines.append)  # a run resumed at step 100
     clock[0] = 4.9  # under 5 seconds: no line yet
     for g in range(25):  # game g scores g in one step; the next step starts a new game
@@ -238,7 +239,8 @@ def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, mon
     progress.record(200, np.array([0.0]), np.array([False]), 0.5)
     # (200 - 100) steps in 10 s; the return is the mean of the last 20 games (5 .. 24).
     assert lines == ["step 200 | 10 sps | episodes 25 | return 14.5 | eps 0.500 | loss 0.2500 | q 2.000"]
-    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 25
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 25 and rows[0].startswith("step,episode,episodic_return,")
 
 
 def test_crossed_and_epsilon_from_learning_start():
