@@ -344,13 +344,14 @@ def train(args, log=None):
     evaluator = Evaluator(args, q, run_dir, log) if args.eval_every else None
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
     replay.add(0, 0, False, env.newest_frame(obs), np.ones(args.num_envs, bool))  # the first frames
-    next_update, next_sync = step + args.learning_starts, step + args.target_update
+    refill = args.learning_starts if step else 0  # a resumed run refills its replay first, uncounted
+    next_update, next_sync = step or args.learning_starts, step + args.target_update
     with stop_on_signals() as stopped:
         while step < args.total_steps and not stopped:
             eps = epsilon(step - args.learning_starts, args.eps_start, args.eps_end, args.eps_decay_steps)
             actions = act(q_act, obs, eps, rng, env.num_actions)
             env.send(actions)  # the emulators step in ale-py's threads while we learn
-            while step >= next_update:  # one update per --train-freq agent steps
+            while not refill and step >= next_update:  # one update per --train-freq agent steps
                 x, a, r, term = replay.sample(args.batch_size, rng)  # x: (B, 5, 84, 84) uint8; a, r: (B,)
                 loss, max_q = train_step(mx.array(x), mx.array(a), mx.array(r), mx.array(term, mx.float32))
                 mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
@@ -361,12 +362,13 @@ def train(args, log=None):
             # 0 rewards unchanged." The learner sees the clipped reward; the logs the real score.
             replay.add(actions, np.clip(reward, -1, 1) if env.atari else reward, terminated,
                        env.newest_frame(obs), new_game)
-            prev, step = step, step + int((~new_game).sum())  # a step that only starts a new game is no step
+            counted = 0 if refill else int((~new_game).sum())  # a step that only starts a new game is no step
+            prev, step, refill = step, step + counted, max(0, refill - args.num_envs)
             progress.record(step, reward, new_game, eps)
             if args.target_update and step >= next_sync:
                 sync_target(q, target)
                 next_sync += args.target_update
-            if evaluator and crossed(prev, step, args.eval_every):
+            if evaluator and (crossed(prev, step, args.eval_every) or step >= args.total_steps):
                 evaluator(step)
             if crossed(prev, step, args.save_every):
                 save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
@@ -376,8 +378,6 @@ def train(args, log=None):
         log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
         raise SystemExit(128 + stopped[0])
     log(f"done: {step:,} steps; model in {run_dir / 'model.safetensors'}")
-    if evaluator and (evaluator.rows or [{}])[-1].get("step") != step:  # unless an evaluation just ran
-        evaluator(step)
     return dict(step=step, episodes=progress.episodes, evals=evaluator and evaluator.rows, run_dir=run_dir)
 
 
@@ -564,7 +564,7 @@ def start_run(env, args, meta, log):
     if BLAS is None and mx.default_device() == mx.cpu:
         log(f"hint: {BLAS_HINT}")
     if meta.get("step") and not args.eval_only:
-        log(f"resumed at step {meta['step']:,}; {args.learning_starts:,} steps refill the replay first")
+        log(f"resumed at step {meta['step']:,}; {args.learning_starts:,} uncounted steps refill the replay")
     return run_dir
 
 

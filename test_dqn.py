@@ -431,7 +431,8 @@ def test_resume_continues_step_epsilon_rng_target_and_files(tmp_path, monkeypatc
     monkeypatch.setattr(dqn, "sync_target", lambda q, t: syncs.append(len(states)) or real_sync(q, t))
     out = dqn.train(args, log=lines.append)
     assert states[0] == saved_rng and seeds[0] == 1 + 450  # the random stream goes on; new games
-    assert len(syncs) == 2 and syncs[1] >= 200  # make_learner's copy, then the saved target serves to 650
+    assert len(syncs) == 2 and syncs[1] >= 300  # make_learner's copy; the saved target serves 100 uncounted
+    # refill steps, then to step 650
     assert lines[0].startswith("env CartPole-v1: 2 actions") and "resumed at step 450;" in lines[-2]
     assert 700 <= out["step"] < 710 and out["run_dir"] == tmp_path / "run" and not Path("runs").exists()
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
