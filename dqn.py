@@ -12,8 +12,8 @@ An agent step is one action: 4 emulator frames on Atari, so the paper's 10M fram
 Differences from the papers (paper -> ours -> why):
 - Target network, Huber loss: none in 2013 -> both (2015) -> they made DQN stable. `--target-update 0`: 2013.
 - Target period C: 10,000 agent steps, as DeepMind's released code (NeuralQLearner.lua) and Dopamine count it.
-- Optimizer: 2015's centered RMSProp -> Adam (lr 1e-4, eps 1.5e-4) on Atari -> it learned faster on Asterix
-  (README). Its eps exceeds sqrt(v), so it steps about lr * m / eps. Classic tasks keep the paper's rule.
+- Optimizer: 2015's centered RMSProp -> Adam (lr 1e-4, eps 1.5e-4) on Atari -> faster on Asterix (README);
+  its eps exceeds sqrt(v): it steps ~lr * m / eps. Classic tasks keep 2015's, which ended higher on CartPole.
 - Replay start, discount, train frequency: not in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
 - Epsilon: over "the first million frames" -> 1M agent steps from the start of learning, as the code counts.
 - Reward clipping: Atari only, where "the scale of scores varies greatly from game to game". Logs: real score.
