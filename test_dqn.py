@@ -83,12 +83,13 @@ def test_defaults_are_the_papers_values_or_the_documented_deviations():
     args = dqn.parse_args(["--env", "ALE/Pong-v5"])
     paper = dict(total_steps=2_500_000, buffer_size=1_000_000, batch_size=32, gamma=0.99, eps_start=1.0,
                  eps_end=0.1, eps_decay_steps=1_000_000, learning_starts=50_000, train_freq=4,
-                 target_update=10_000, eval_eps=0.05, eval_episodes=30, arch="nips", seed=1)
+                 target_update=10_000, error_clip=1.0, eval_eps=0.05, eval_episodes=30, arch="nips", seed=1)
     assert {k: getattr(args, k) for k in paper} == paper
     assert (args.optimizer, args.lr) == ("adam", 1e-4)  # Adam learned faster on Asterix (README)
     assert dqn.parse_args(["--env", "ALE/Pong-v5", "--optimizer", "rmsprop"]).lr == 2.5e-4  # 2015's
-    classic = dqn.parse_args(["--env", "CartPole-v1"])
-    assert (classic.optimizer, classic.lr) == ("rmsprop", 2.5e-4)  # it ended higher on CartPole
+    classic = vars(dqn.parse_args(["--env", "CartPole-v1"]))  # they learned in 10 seeds of 10 (README)
+    assert {k: classic[k] for k in ("optimizer", "lr", "target_update", "error_clip")} == dict(
+        optimizer="adam", lr=2.5e-4, target_update=100, error_clip=100)
 
 
 @pytest.mark.parametrize("in_ch,out_ch,kernel,stride,size,first", [(4, 16, 8, 4, 84, True),
@@ -274,7 +275,7 @@ def test_td_target_terminal_and_double():
 
 
 def test_adam_is_bias_corrected_rmsprop_is_deepminds_and_both_flush_only_subnormal_averages():
-    q, target, opt = learner("--optimizer", "adam")  # lr 1e-2
+    q, target, opt = learner()  # Adam, lr 1e-2
     w0 = np.array(q.layers[0].weight)
     opt.update(q, tree_map(lambda p: mx.full(p.shape, 1e-4), q.parameters()))  # a small constant gradient g
     # Step 1 is lr * g / (|g| + eps) = 0.4 lr with bias correction and eps 1.5e-4 (0.065 lr without it).
@@ -303,7 +304,7 @@ def test_train_step_compiled_equals_eager_and_reads_the_synced_target(double):
     results = []
     for compiled in (False, True):
         q, target, opt = learner()
-        step = dqn.make_train_step(q, target, opt, 0.9, double, compile=compiled)
+        step = dqn.make_train_step(q, target, opt, 0.9, double, 0.5, compile=compiled)
         losses = [step(*batch(i))[0].item() for i in range(3)]  # the optimizer state must carry over
         results.append(losses + np.array(q(batch(9)[0][:, 0])).ravel().tolist())
     assert np.allclose(results[0], results[1], atol=1e-5)
@@ -313,7 +314,7 @@ def test_train_step_compiled_equals_eager_and_reads_the_synced_target(double):
     y = dqn.td_target(target(x[:, 1:]), q(x[:, 1:]), r, term, 0.9, double)
     q_values = q(x[:, :-1])
     q_sa = mx.take_along_axis(q_values, a[:, None], 1)[:, 0]
-    expected = nn.losses.huber_loss(q_sa, y, reduction="mean"), q_values.max(axis=1).mean()  # loss, avg max Q
+    expected = nn.losses.huber_loss(q_sa, y, 0.5, reduction="mean"), q_values.max(axis=1).mean()  # delta 0.5
     got = step(x, a, r, term)
     assert all(mx.allclose(got[i], expected[i], atol=1e-5).item() for i in (0, 1))
     dqn.sync_target(q, target)
@@ -344,12 +345,12 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     q3, target3, opt3 = learner(seed=3)  # weights only: the target starts as their copy, a new run
     assert dqn.load_checkpoint(tmp_path / "model.safetensors", q3, target3, opt3, args) == {}
     assert same(q, q3) and same(q3, target3)
-    args.optimizer = "adam"  # RMSProp's state cannot resume an Adam run, but evaluation needs no optimizer
+    args.optimizer = "rmsprop"  # Adam's state cannot resume an RMSProp run, but evaluation needs no optimizer
     with pytest.raises(dqn.UserError, match="optimizer"):
-        dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", *learner("--optimizer", "adam"), args)
-    args.eval_only, (q4, target4, opt4) = True, learner("--optimizer", "adam")
+        dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", *learner("--optimizer", "rmsprop"), args)
+    args.eval_only, (q4, target4, opt4) = True, learner("--optimizer", "rmsprop")
     assert dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q4, target4, opt4, args)["step"] == 7
-    assert same(q, q4) and "g" not in opt4.state["layers"][0]["weight"]  # RMSProp state stayed out
+    assert same(q, q4) and "m" not in opt4.state["layers"][0]["weight"]  # Adam's state stayed out
 
 
 def test_rewards_are_clipped_for_the_learner_on_atari_only_and_logged_real(tmp_path, monkeypatch):
@@ -397,7 +398,8 @@ VARIANT = ["--eval-every", "300", "--eval-episodes", "2", "--target-update", "15
 
 
 @pytest.mark.parametrize("flags", [["--target-update", "0"], ["--double"], ["--num-envs", "3"],
-                                   ["--train-freq", "2"], ["--gamma", "0.5"], ["--optimizer", "adam"]])
+                                   ["--train-freq", "2"], ["--gamma", "0.5"], ["--optimizer", "rmsprop"],
+                                   ["--error-clip", "1"]])
 def test_each_variant_changes_learning_and_the_same_seed_repeats(tmp_path, monkeypatch, flags, baseline):
     updates, real_update = [], dqn.Progress.update
     monkeypatch.setattr(dqn.Progress, "update", lambda self, *a: updates.append(a) or real_update(self, *a))
@@ -418,10 +420,11 @@ def test_each_variant_changes_learning_and_the_same_seed_repeats(tmp_path, monke
 
 
 def test_resume_continues_step_epsilon_rng_target_and_files(tmp_path, monkeypatch):
-    dqn.train(args_for(tmp_path, "CartPole-v1", "--total-steps", "450"), **QUIET)  # target synced at 400
+    period = ["--target-update", "200"]  # the target synced at 400
+    dqn.train(args_for(tmp_path, "CartPole-v1", "--total-steps", "450", *period), **QUIET)
     monkeypatch.chdir(tmp_path)
     lines, checkpoint = [], str(tmp_path / "run" / "checkpoint.safetensors")
-    args = args_for(tmp_path, "CartPole-v1", "--total-steps", "700", "--load", checkpoint)
+    args = args_for(tmp_path, "CartPole-v1", "--total-steps", "700", "--load", checkpoint, *period)
     args.run_dir = None  # resumes into the checkpoint's own directory
     saved_rng, states, seeds, syncs = saved_meta(checkpoint)["rng"], [], [], []
     real_act, real_reset, real_sync = dqn.act, dqn.Env.reset, dqn.sync_target
@@ -470,12 +473,11 @@ def test_plot_and_a_missing_package(tmp_path, capsys, monkeypatch):
 
 
 def test_cartpole_learns_with_default_flags_and_holds_it(tmp_path):
-    """What a user sees: the last evaluation, not one lucky one, far above random play (about 22). Not near
-    500: where a run ends is luck that moves with the BLAS's rounding (README). Evaluating only at the end
-    changes nothing else: evaluation plays its own envs with its own random stream."""
+    """What a user sees: the last evaluation, not one lucky one, near the cap of 500 (10 seeds ended at 479 or
+    more). Evaluating only at the end changes nothing else: evaluation has its own envs and random stream."""
     argv = ["--env", "CartPole-v1", "--eval-every", "50000", "--run-dir", str(tmp_path / "run")]
     out = dqn.train(dqn.parse_args(argv), **QUIET)
-    assert out["step"] == 50_000 and out["evals"][-1]["mean_return"] >= 100, out["evals"]
+    assert out["step"] == 50_000 and out["evals"][-1]["mean_return"] >= 400, out["evals"]
 
 
 def start(run, *flags, **popen):
