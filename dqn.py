@@ -92,6 +92,7 @@ OPTIMIZERS = {"adam": (1e-4, 2.5e-4), "rmsprop": (2.5e-4, 2.5e-4)}  # default le
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dqn.py", description="DQN (Mnih et al. 2013/2015) in MLX.")
+    p.print_usage = lambda file=None: None  # argparse's errors in one line, without the usage block
     add = p.add_argument
     add("--env", default="ALE/Pacman-v5", help="a gymnasium id: any Atari game, or a task with a flat vector "
         "observation and discrete actions (CartPole-v1, Acrobot-v1, LunarLander-v3)")

@@ -539,6 +539,7 @@ def run_main(capsys, *argv):
     (["--env", "CartPole-v1", "--load", "/no/such.safetensors"], "no such file"),
     (["--env", "NeedsBox2D-v0"], "cannot create NeedsBox2D-v0: Box2D is not installed"),
     (["--env", "CartPole-v1", "--video"], "argument --video: records Atari games only"),
+    (["--env", "CartPole-v1", "--lr", "x"], "argument --lr: invalid float value: 'x'"),
     pytest.param(["--env", "CartPole-v1", "--device", "gpu"], "argument --device: gpu: MLX has no GPU",
                  marks=pytest.mark.skipif(mx.is_available(mx.gpu), reason="this machine has a GPU")),
     (["--env", "CartPole-v1", "--buffer-size", "4", "--num-envs", "2", "--batch-size", "2",
