@@ -12,8 +12,8 @@ An agent step is one action: 4 emulator frames on Atari, so the paper's 10M fram
 Differences from the papers (paper -> ours -> why):
 - Target network, Huber loss: none in 2013 -> both (2015) -> they made DQN stable. `--target-update 0`: 2013.
 - Target period C: 10,000 agent steps, as DeepMind's released code (NeuralQLearner.lua) and Dopamine count it.
-- Optimizer: 2015's centered RMSProp -> Adam (eps 1.5e-4; lr 1e-4, classic tasks 2.5e-4) -> it learned faster
-  on Asterix and CartPole (README). On Atari its eps exceeds sqrt(v): it steps about lr * m / eps.
+- Optimizer: 2015's centered RMSProp -> Adam (eps 1.5e-4; lr 1e-4, classic tasks 2.5e-4) -> it did better on
+  Asterix and CartPole (README). On Atari its eps exceeds sqrt(v): it steps about lr * m / eps.
 - Replay start, discount, train frequency: not in 2013 -> 50,000 / 0.99 / every 4 steps (2015 table).
 - Epsilon: over "the first million frames" -> 1M agent steps from the start of learning, as the code counts.
 - Reward clipping: Atari only, where "the scale of scores varies greatly from game to game". Logs: real score.
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     for name, (atari, classic, text) in HYPERPARAMETERS.items():
         add("--" + name.replace("_", "-"), type=type(atari), help=f"{text}; default {atari:,} ({classic:,})")
     add("--optimizer", choices=OPTIMIZERS, default="adam",
-        help="adam (default: faster on Asterix and CartPole), or rmsprop (2015's, centered)")
+        help="adam (default: better on Asterix and CartPole), or rmsprop (2015's, centered)")
     add("--lr", type=float, help="learning rate; default adam 1e-4 (classic 2.5e-4), rmsprop 2.5e-4 (2015)")
     add("--double", action="store_true", help="Double DQN target (van Hasselt et al. 2016)")
     add("--num-envs", type=int, default=1, help="parallel envs; each agent step of each counts")
@@ -306,8 +306,7 @@ def make_train_step(q, target, opt, gamma, double, delta=1.0, compile=True):
     def loss_fn(s, a, y):
         q_values = q(s)  # (B, num_actions)
         q_sa = mx.take_along_axis(q_values, a[:, None], axis=1)[:, 0]  # (B,)
-        # Mnih et al. 2015: "clip the error term from the update [...] to be between -1 and 1", i.e. Huber
-        # with delta 1. Classic tasks clip at 100, above CartPole's values: its rare terminal errors count.
+        # Mnih et al. 2015: "clip the error term from the update [...] to be between -1 and 1": Huber, delta 1
         return nn.losses.huber_loss(q_sa, y, delta=delta, reduction="mean"), q_values.max(axis=1).mean()
 
     loss_and_grad = nn.value_and_grad(q, loss_fn)
