@@ -3,9 +3,8 @@
 "Playing Atari with Deep Reinforcement Learning" (Mnih et al., 2013), with the target network and clipped
 (Huber) error of "Human-level control through deep reinforcement learning" (Mnih et al., 2015).
 
-    python dqn.py --env ALE/Pacman-v5            # train on Atari with the paper's settings
-    python dqn.py --env CartPole-v1              # learns in a few minutes on 2 CPU cores
-    python dqn.py --env ALE/Pacman-v5 --eval-only --video --load runs/<run>/checkpoint.safetensors
+    python dqn.py --env ALE/Pacman-v5      # train on Atari with the paper's settings; --help lists every flag
+    python dqn.py --env CartPole-v1        # learns in a few minutes on 2 CPU cores
 
 An agent step is one action: 4 emulator frames on Atari, so the paper's 10M frames are 2.5M agent steps.
 
@@ -19,11 +18,9 @@ Differences from the papers (paper -> ours -> why):
 - Reward clipping: Atari only, where "the scale of scores varies greatly from game to game". Logs: real score.
 - Life loss: terminal for the learner in training only (2015), and a fresh frame stack, as DeepMind's replay.
 - Game start: up to 30 no-op actions (2015) -> ale-py's 0-29 no-op frames, then FIRE where the game has it.
-- Evaluation (2015): 30 games of at most 18,000 frames, epsilon 0.05.
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
 - Frames: gray 110x84 cropped to 84x84 (2013) -> resized to 84x84, max of the last 2 frames of a skip (2015).
-- Convolutions: computed as space-to-depth, which MLX's CPU trains faster (end of the file).
-- Classic-control ids (CartPole-v1, ...) use an MLP and their own defaults (HYPERPARAMETERS).
+- Classic-control ids (CartPole-v1, ...): an MLP and their own defaults (HYPERPARAMETERS).
 """
 
 import argparse
@@ -189,8 +186,8 @@ class Replay:
     s_t+1) in a data-set D [...] In practice, our algorithm only stores the last N experience tuples."
 
     Each frame is stored once: phi(s_t) is rebuilt from frames t-3..t and s_t+1 from t-2..t+1 when sampled, so
-    1M Atari transitions take 7.1 GB, not 56. Arrays are (slots, envs, ...): all envs step together. Slot t
-    holds frame t, the action taken from it and what followed; `first` marks the first frame of a life."""
+    1M Atari transitions take 7.1 GB, not 56. Slot t of arrays (slots, envs, ...) holds frame t, the action
+    taken from it and what followed; `first` marks the first frame of a life."""
 
     def __init__(self, capacity, num_envs, frame_shape, dtype, stack):
         self.slots, self.num_envs, self.stack = capacity // num_envs, num_envs, stack
@@ -269,17 +266,16 @@ class FlushedAdam(optim.Adam):
 
 
 class CenteredRMSprop(optim.RMSprop):
-    """The 2015 paper's RMSProp as DeepMind's code runs it: g and g2 average the gradient and its square
-    (decay 0.95), and the step is lr * grad / sqrt(g2 - g^2 + eps); eps as the docstring's list explains."""
+    """The 2015 paper's RMSProp as DeepMind's code runs it: g and v average the gradient and its square
+    (decay 0.95), and the step is lr * grad / sqrt(v - g^2 + eps). Flushed as Adam is: g under 1e-15 (whose
+    square would be subnormal) is read as 0 and v stays above 1e-30; beside eps, neither moves the weights."""
 
     def init_single(self, parameter, state):
         state["g"], state["v"] = mx.zeros_like(parameter), mx.zeros_like(parameter)
 
     def apply_single(self, gradient, parameter, state):
         decay, lr = self.alpha, self.learning_rate.astype(gradient.dtype)
-        # Averages that decay toward 0 would become subnormal floats, ~100x slower on x86 CPUs: g under 1e-15
-        # (whose square would be one) is read as 0, v stays above 1e-30: beside eps, neither moves weights.
-        g = mx.where(mx.abs(state["g"]) < 1e-15, 0.0, state["g"])  # flushed as read, as Adam's are: faster
+        g = mx.where(mx.abs(state["g"]) < 1e-15, 0.0, state["g"])
         g = state["g"] = decay * g + (1 - decay) * gradient
         v = state["v"] = mx.maximum(decay * state["v"] + (1 - decay) * mx.square(gradient), 1e-30)
         return parameter - lr * gradient / mx.sqrt(v - mx.square(g) + self.eps)
