@@ -282,7 +282,8 @@ class CenteredRMSprop(optim.RMSprop):
 
 
 def make_learner(env, args):
-    """Q(theta), the target Q(theta^-) and the optimizer; without a target network the target is Q itself."""
+    """Q(theta), the target Q(theta^-) and the optimizer, from --load if given; without a target network the
+    target is Q itself. Also returns the checkpoint's metadata to resume from, or {}."""
     mx.random.seed(args.seed)
     q = q_network(env, args.arch)
     target = q if args.target_update == 0 else q_network(env, args.arch)
@@ -293,7 +294,7 @@ def make_learner(env, args):
         opt = FlushedAdam(args.lr, eps=1.5e-4, bias_correction=True)
     opt.init(q.trainable_parameters())
     mx.eval(q.parameters(), target.parameters(), opt.state)
-    return q, target, opt
+    return q, target, opt, load_checkpoint(args.load, q, target, opt, args) if args.load else {}
 
 
 def make_train_step(q, target, opt, gamma, double, delta=1.0, compile=True):
@@ -321,6 +322,19 @@ def make_train_step(q, target, opt, gamma, double, delta=1.0, compile=True):
     return mx.compile(step, inputs=state, outputs=state) if compile else step
 
 
+def learn(train_step, q, opt, replay, batch_size, rng, step):
+    """Algorithm 1: "Sample random minibatch of transitions [...] from D", then one gradient step. Returns the
+    loss and mean max Q; a diverged step ends the run before it saves bad weights."""
+    x, a, r, term = replay.sample(batch_size, rng)  # x: (B, 5, 84, 84) uint8; a, r, term: (B,)
+    loss, max_q = train_step(mx.array(x), mx.array(a), mx.array(r), mx.array(term, mx.float32))
+    mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
+    loss, max_q = loss.item(), max_q.item()
+    if not (np.isfinite(loss) and np.isfinite(max_q)):
+        raise UserError(f"the loss became {loss} (Q {max_q}) at step {step:,}; the last good checkpoint is "
+                        "kept; try a lower --lr", 1)
+    return loss, max_q
+
+
 def sync_target(q, target):
     """Mnih et al. 2015: "every C updates we clone the network Q to obtain a target network Q^". MLX arrays
     are immutable, so sharing them is a copy: the optimizer replaces q's arrays, never edits them."""
@@ -332,8 +346,7 @@ def train(args, log=None):
     """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network."""
     log, env = log or say, Env(args.env, args.num_envs, train=True)
     replay = make_replay(env, args)  # refused before anything is written when it cannot fit
-    q, target, opt = make_learner(env, args)
-    meta = load_checkpoint(args.load, q, target, opt, args) if args.load else {}
+    q, target, opt, meta = make_learner(env, args)
     run_dir, step = start_run(env, args, meta, log), meta.get("step", 0)
     rng = np.random.default_rng(args.seed)
     rng.bit_generator.state = meta.get("rng", rng.bit_generator.state)  # a resumed run's stream goes on
@@ -351,10 +364,7 @@ def train(args, log=None):
             actions = act(q_act, obs, eps, rng, env.num_actions)
             env.send(actions)  # the emulators step in ale-py's threads while we learn
             while not refill and step >= next_update:  # one update per --train-freq agent steps
-                x, a, r, term = replay.sample(args.batch_size, rng)  # x: (B, 5, 84, 84) uint8; a, r: (B,)
-                loss, max_q = train_step(mx.array(x), mx.array(a), mx.array(r), mx.array(term, mx.float32))
-                mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
-                progress.update(loss.item(), max_q.item(), step)
+                progress.update(*learn(train_step, q, opt, replay, args.batch_size, rng, step))
                 next_update += args.train_freq
             obs, reward, terminated, new_game = env.recv()
             # 2013, sec. 5: "we fixed all positive rewards to be 1 and all negative rewards to be -1, leaving
@@ -369,6 +379,8 @@ def train(args, log=None):
                 next_sync += args.target_update
             if evaluator and (crossed(prev, step, args.eval_every) or step >= args.total_steps):
                 evaluator(step)
+                if args.plot:
+                    plot_run(run_dir)
             if crossed(prev, step, args.save_every):
                 save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
     env.vec.close()
@@ -421,14 +433,11 @@ class Progress:
     def __init__(self, run_dir, step, episodes, num_envs, log):
         self.write = csv_writer(run_dir / "metrics.csv", "step episode episodic_return episode_length "
                                 "epsilon loss avg_max_q")
-        self.run_dir, self.episodes, self.log, self.returns, self.updates = run_dir, episodes, log, [], []
+        self.episodes, self.log, self.returns, self.updates = episodes, log, [], []
         self.score, self.length, self.last = np.zeros(num_envs), np.zeros(num_envs, int), (np.nan, np.nan)
         self.t_line, self.step_line = time.time(), step
 
-    def update(self, loss, max_q, step):
-        if not (np.isfinite(loss) and np.isfinite(max_q)):  # diverged: stop before saving bad weights
-            raise UserError(f"the loss became {loss} (Q {max_q}) at step {step:,}; the last good checkpoint "
-                            f"in {self.run_dir} is kept; try a lower --lr", 1)
+    def update(self, loss, max_q):
         self.last = (loss, max_q)
         self.updates.append(self.last)
 
@@ -646,8 +655,6 @@ class Evaluator:
         self.rows.append(row)
         self.log(f"eval at step {step:,}: return {row['mean_return']:.1f} +- {row['std_return']:.1f} over "
                  f"{len(returns)} games (epsilon {a.eval_eps}) | avg max Q {row['avg_max_q']:.3f}")
-        if a.plot:
-            plot_run(self.run_dir)
         return row
 
 
@@ -745,9 +752,11 @@ def main(argv=None):
             return train(args) and 0
         env = Env(args.env, 1, train=False)  # --eval-only: one evaluation of the weights given by --load
         env.vec.close()
-        q, target, opt = make_learner(env, args)
-        meta = load_checkpoint(args.load, q, target, opt, args)
-        Evaluator(args, q, start_run(env, args, meta, say), say)(meta.get("step", 0))
+        q, _, _, meta = make_learner(env, args)
+        run_dir = start_run(env, args, meta, say)
+        Evaluator(args, q, run_dir, say)(meta.get("step", 0))
+        if args.plot:
+            plot_run(run_dir)
     except KeyboardInterrupt:  # before the training loop's own handler is installed
         print("dqn.py: error: interrupted", file=sys.stderr)
         return 130

@@ -28,7 +28,7 @@ def args_for(tmp_path, env="CartPole-v1", *extra):
 
 def learner(*extra, seed=0):
     args = args_for(Path("/tmp"), "CartPole-v1", "--seed", str(seed), "--lr", "1e-2", *extra)
-    return dqn.make_learner(dqn.Env("CartPole-v1", 1, train=True), args)
+    return dqn.make_learner(dqn.Env("CartPole-v1", 1, train=True), args)[:3]
 
 
 def batch(seed=0):  # CartPole-shaped: x (8, 2, 4) holds s and s'
@@ -234,7 +234,7 @@ def test_progress_line_shows_steps_speed_games_return_epsilon_loss(tmp_path, mon
     for g in range(25):  # game g scores g in one step; the next step starts a new game
         progress.record(100 + g, np.array([float(g)]), np.array([False]), 0.5)
         progress.record(100 + g, np.array([0.0]), np.array([True]), 0.5)
-    progress.update(0.25, 2.0, 125)
+    progress.update(0.25, 2.0)
     assert lines == []
     clock[0] = 10.0
     progress.record(200, np.array([0.0]), np.array([False]), 0.5)
