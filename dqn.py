@@ -17,8 +17,12 @@ Differences from the papers (paper -> ours -> why):
 - Epsilon: over "the first million frames" -> 1M agent steps from the start of learning, as the code counts.
 - Reward clipping: Atari only, where "the scale of scores varies greatly from game to game". Logs: real score.
 - Life loss: terminal for the learner in training only (2015), and a fresh frame stack, as DeepMind's replay.
-- Game start: up to 30 no-op actions (2015) -> ale-py's 0-29 no-op frames, then FIRE where the game has it.
+- Game start: up to 30 no-op actions (2015) -> FIRE where the game has it, then ale-py's 0-29 no-op frames
+  (0-28 after FIRE), at a real game start only: DeepMind's training code also ran them after a lost life.
 - Sticky actions: none in the papers -> what the id registers (`-v5`: 0.25, `NoFrameskip-v4`: 0).
+- Frame skip: 4, 3 on Space Invaders for its blinking lasers -> 4 (a skip's 2-frame max keeps them visible);
+  v0/v4 ids too, which register a random 2-4.
+- Training games: cut at 108,000 frames (30 min, as the ids register); the cut is no terminal: it bootstraps.
 - Frames: gray 110x84 cropped to 84x84 (2013) -> resized to 84x84, max of the last 2 frames of a skip (2015).
 - Classic-control ids (CartPole-v1, ...): an MLP and their own defaults (HYPERPARAMETERS).
 """
@@ -61,7 +65,11 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 
 class UserError(Exception):
-    """Bad input (exit 2) or a fault such as a full disk (UserError(message, 1)): one line from main()."""
+    """Bad input (exit 2) or a fault (UserError(message, 1)): one line from main(), never a traceback."""
+
+
+class WriteError(UserError):
+    """A file that cannot be written, as on a full disk (exit 1): training first saves what it still can."""
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -70,7 +78,7 @@ class UserError(Exception):
 HYPERPARAMETERS = {  # flag: (Atari, classic, help)
     "total_steps": (2_500_000, 50_000, "agent steps to train (paper: 10M frames = 2.5M agent steps)"),
     "buffer_size": (1_000_000, 50_000, "replay memory N, in transitions (paper: 1M)"),
-    "batch_size": (32, 128, "minibatch size (paper: 32)"),
+    "batch_size": (32, 128, "minibatch size (paper: 32; RMSProp's eps is DeepMind's only at 32)"),
     "gamma": (0.99, 0.99, "discount factor (2015: 0.99)"),
     "eps_start": (1.0, 1.0, "initial exploration epsilon (paper: 1.0)"),
     "eps_end": (0.1, 0.05, "final exploration epsilon (paper: 0.1)"),
@@ -78,8 +86,8 @@ HYPERPARAMETERS = {  # flag: (Atari, classic, help)
     "learning_starts": (50_000, 1_000, "steps of random play before learning (2015: 50k)"),
     "train_freq": (4, 1, "agent steps between updates (2015: 4)"),
     "target_update": (10_000, 100, "agent steps between target syncs, 0 = no target network (2015: 10k)"),
-    "error_clip": (1.0, 100.0, "Huber's delta: larger TD errors get a constant gradient (2015: 1; classic: "
-                   "above CartPole's values, so its rare terminal errors count in full)"),
+    # Classic tasks clip at 100, above CartPole's values, so that their rare terminal errors count in full.
+    "error_clip": (1.0, 100.0, "Huber's delta: larger TD errors get a constant gradient (2015: 1)"),
     "eval_every": (250_000, 5_000, "agent steps between evaluations, 0 = off"),
     "eval_episodes": (30, 10, "games per evaluation (2015: 30)"),
     "save_every": (250_000, 25_000, "agent steps between checkpoints, 0 = only at the end and on a signal"),
@@ -88,21 +96,18 @@ OPTIMIZERS = {"adam": (1e-4, 2.5e-4), "rmsprop": (2.5e-4, 2.5e-4)}  # default le
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dqn.py", description="DQN (Mnih et al. 2013/2015) in MLX.")
-    p.print_usage = lambda file=None: None  # argparse's errors in one line, without the usage block
+    p = argparse.ArgumentParser(prog="dqn.py", description="DQN (Mnih et al. 2013/2015) in MLX.",
+                                usage=argparse.SUPPRESS)  # no usage block: argparse's errors are one line
     add = p.add_argument
-    add("--env", default="ALE/Pacman-v5", help="a gymnasium id: any Atari game, or a task with a flat vector "
-        "observation and discrete actions (CartPole-v1, Acrobot-v1, LunarLander-v3)")
+    add("--env", default="ALE/Pacman-v5", help="any Atari id, or a vector task: CartPole-v1, Acrobot-v1, ...")
     add("--arch", choices=("nips", "nature"), default="nips", help="Atari network: 2013 (nips) or 2015")
     for name, (atari, classic, text) in HYPERPARAMETERS.items():
         add("--" + name.replace("_", "-"), type=type(atari), help=f"{text}; default {atari:,} ({classic:,})")
-    add("--optimizer", choices=OPTIMIZERS, default="adam",
-        help="adam (default: better on Asterix and CartPole), or rmsprop (2015's, centered)")
+    add("--optimizer", choices=OPTIMIZERS, default="adam", help="adam, or rmsprop (2015's, centered)")
     add("--lr", type=float, help="learning rate; default adam 1e-4 (classic 2.5e-4), rmsprop 2.5e-4 (2015)")
     add("--double", action="store_true", help="Double DQN target (van Hasselt et al. 2016)")
     add("--num-envs", type=int, default=1, help="parallel envs; each agent step of each counts")
     add("--seed", type=int, default=1, help="seeds the network, sampling, exploration and the envs")
-    add("--device", choices=("cpu", "gpu"), help="MLX device (default: MLX's own choice)")
     add("--run-dir", help="for logs and checkpoints (default: runs/<env>-<seed>-<time>, or --load's)")
     add("--load", help="a checkpoint.safetensors to resume, or a model.safetensors to start from")
     add("--eval-eps", type=float, default=0.05, help="evaluation epsilon (2015: 0.05)")
@@ -122,8 +127,9 @@ def parse_args(argv=None):
     checks = [(n, ok(getattr(args, n)), why) for why, (ok, names) in rules.items() for n in names.split()]
     checks += [("batch_size", args.batch_size <= args.buffer_size, "must be at most --buffer-size"),
                ("learning_starts", args.learning_starts >= args.batch_size, "must be at least --batch-size"),
+               # A replay needs a state's frames and the next in each env's slots: stack + 2.
+               ("buffer_size", args.buffer_size >= args.num_envs * (6 if args.atari else 3), "too small"),
                ("load", args.load or not args.eval_only, "is required with --eval-only"),
-               ("device", args.device != "gpu" or mx.is_available(mx.gpu), "gpu: MLX has no GPU here"),
                ("video", args.atari or not args.video, "records Atari games only"),
                ("plot", not args.plot or find_spec("matplotlib"), "needs matplotlib: pip install matplotlib"),
                ("video", not args.video or find_spec("PIL"), "needs Pillow: pip install pillow")]
@@ -197,6 +203,7 @@ class Replay:
         self.terminated, self.first = np.zeros(shape, bool), np.zeros(shape, bool)
         self.valid = np.zeros(shape, bool)  # a complete transition starts at this slot
         self.pos, self.full = 0, False
+        self.nbytes = sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
     def add(self, action, reward, terminated, next_frame, new_game):
         """Completes the transitions from the last frames and stores the next, (N, *frame_shape). Where
@@ -289,6 +296,7 @@ def make_learner(env, args):
     target = q if args.target_update == 0 else q_network(env, args.arch)
     sync_target(q, target)
     if args.optimizer == "rmsprop":  # 2015: "RMSProp [...] minibatches of size 32", decay 0.95 in the code
+        # DeepMind's eps is 0.01 inside the root, for a loss summed over 32; for its mean, 0.01 / 32^2 ~ 1e-5
         opt = CenteredRMSprop(args.lr, alpha=0.95, eps=1e-5)
     else:  # MLX's Adam skips bias correction unless asked: its first steps would be 3-6x the rate
         opt = FlushedAdam(args.lr, eps=1.5e-4, bias_correction=True)
@@ -330,8 +338,7 @@ def learn(train_step, q, opt, replay, batch_size, rng, step):
     mx.eval(loss, max_q, q.state, opt.state)  # sync point: one per update
     loss, max_q = loss.item(), max_q.item()
     if not (np.isfinite(loss) and np.isfinite(max_q)):
-        raise UserError(f"the loss became {loss} (Q {max_q}) at step {step:,}; the last good checkpoint is "
-                        "kept; try a lower --lr", 1)
+        raise UserError(f"loss {loss} at step {step:,}: diverged; the last checkpoint stays; lower --lr", 1)
     return loss, max_q
 
 
@@ -342,12 +349,21 @@ def sync_target(q, target):
 
 
 # ---------------------------------------------------------------------------------------- training loop
-def train(args, log=None):
+def say(line):
+    """print, except that a closed pipe or terminal (`| head`) silences the run instead of ending it."""
+    try:
+        print(line, flush=True)
+    except OSError:  # BrokenPipeError, or EIO from a closed terminal: later lines go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def train(args, log=say):
     """Mnih et al. 2013, Algorithm 1 (deep Q-learning with experience replay), with a target network."""
-    log, env = log or say, Env(args.env, args.num_envs, train=True)
+    env = Env(args.env, args.num_envs, train=True)
     replay = make_replay(env, args)  # refused before anything is written when it cannot fit
     q, target, opt, meta = make_learner(env, args)
     run_dir, step = start_run(env, args, meta, log), meta.get("step", 0)
+    log(f"replay {args.buffer_size:,} transitions, {replay.nbytes / 1e9:.2g} GB")
     rng = np.random.default_rng(args.seed)
     rng.bit_generator.state = meta.get("rng", rng.bit_generator.state)  # a resumed run's stream goes on
     train_step = make_train_step(q, target, opt, args.gamma, args.double, args.error_clip)
@@ -355,34 +371,39 @@ def train(args, log=None):
     progress = Progress(run_dir, step, meta.get("episodes", 0), args.num_envs, log)
     evaluator = Evaluator(args, q, run_dir, log) if args.eval_every else None
     obs = env.reset(seed=args.seed + step)  # (N, 4, 84, 84) uint8 or (N, obs_dim)
-    replay.add(0, 0, False, env.newest_frame(obs), np.ones(args.num_envs, bool))  # the first frames
+    replay.add(0, 0, False, obs[:, -1] if env.atari else obs, np.ones(args.num_envs, bool))  # first frames
     refill = args.learning_starts if step else 0  # a resumed run refills its replay first, uncounted
-    next_update, next_sync = step or args.learning_starts, step + args.target_update
+    next_update, next_sync = max(step, args.learning_starts), step + args.target_update
     with stop_on_signals() as stopped:
-        while step < args.total_steps and not stopped:
-            eps = epsilon(step - args.learning_starts, args.eps_start, args.eps_end, args.eps_decay_steps)
-            actions = act(q_act, obs, eps, rng, env.num_actions)
-            env.send(actions)  # the emulators step in ale-py's threads while we learn
-            while not refill and step >= next_update:  # one update per --train-freq agent steps
-                progress.update(*learn(train_step, q, opt, replay, args.batch_size, rng, step))
-                next_update += args.train_freq
-            obs, reward, terminated, new_game = env.recv()
-            # 2013, sec. 5: "we fixed all positive rewards to be 1 and all negative rewards to be -1, leaving
-            # 0 rewards unchanged." The learner sees the clipped reward; the logs the real score.
-            replay.add(actions, np.clip(reward, -1, 1) if env.atari else reward, terminated,
-                       env.newest_frame(obs), new_game)
-            counted = 0 if refill else int((~new_game).sum())  # a step that only starts a new game is no step
-            prev, step, refill = step, step + counted, max(0, refill - args.num_envs)
-            progress.record(step, reward, new_game, eps)
-            if args.target_update and step >= next_sync:
-                sync_target(q, target)
-                next_sync += args.target_update
-            if evaluator and (crossed(prev, step, args.eval_every) or step >= args.total_steps):
-                evaluator(step)
-                if args.plot:
-                    plot_run(run_dir)
-            if crossed(prev, step, args.save_every):
-                save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+        try:
+            while step < args.total_steps and not stopped:
+                eps = epsilon(step - args.learning_starts, args.eps_start, args.eps_end, args.eps_decay_steps)
+                actions = act(q_act, obs, eps, rng, env.num_actions)
+                env.send(actions)  # the emulators step in ale-py's threads while we learn
+                while not refill and step >= next_update:  # one update per --train-freq agent steps
+                    progress.update(*learn(train_step, q, opt, replay, args.batch_size, rng, step))
+                    next_update += args.train_freq
+                obs, reward, terminated, new_game = env.recv()
+                # 2013, sec. 5: "we fixed all positive rewards to be 1 and all negative rewards to be -1,
+                # leaving 0 rewards unchanged." The learner sees the clipped reward; the logs the real score.
+                replay.add(actions, np.clip(reward, -1, 1) if env.atari else reward, terminated,
+                           obs[:, -1] if env.atari else obs, new_game)
+                prev = step
+                step += 0 if refill else int((~new_game).sum())  # a step that only starts a game is no step
+                refill = max(0, refill - args.num_envs)
+                progress.record(step, reward, new_game, eps)
+                if args.target_update and step >= next_sync:
+                    sync_target(q, target)
+                    next_sync += args.target_update
+                if evaluator and (crossed(prev, step, args.eval_every) or step >= args.total_steps):
+                    evaluator(step, stopped)
+                    if args.plot:
+                        plot_run(run_dir)
+                if crossed(prev, step, args.save_every):
+                    save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+        except WriteError:  # a full disk: the checkpoint may still fit, and it is what a run needs
+            save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+            raise
     env.vec.close()
     save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
     if stopped:
@@ -399,10 +420,16 @@ def crossed(prev, step, every):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) only note the signal: the loop ends its step, then
-    train() saves a checkpoint and exits with 128 + the signal's number."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) only note the signal: the loop ends its step or its
+    evaluation, then train() saves a checkpoint and exits 128 + the signal's number. A second ends it now."""
     stopped, signals = [], (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    handlers = {s: signal.signal(s, lambda num, _: stopped.append(num)) for s in signals}
+
+    def note(num, _):
+        stopped.append(num)
+        for sig in signals:
+            signal.signal(sig, signal.SIG_DFL)
+
+    handlers = {sig: signal.signal(sig, note) for sig in signals}
     try:
         yield stopped
     finally:
@@ -410,21 +437,19 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def say(line):
-    """print, except that a closed pipe or terminal (`| head`) silences the run instead of ending it."""
-    try:
-        print(line, flush=True)
-    except OSError:  # BrokenPipeError, or EIO from a closed terminal: later lines go nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def csv_writer(path, columns):
-    """A function that appends a row to a CSV file and flushes it: a crash loses nothing already written."""
-    file = open(path, "a", newline="")
-    writer = csv.writer(file)
-    if file.tell() == 0:  # a new file, or one left empty by a run killed before its first row
-        writer.writerow(columns.split())
-    return lambda *row: (writer.writerow(row), file.flush())
+    """A function appending a row to a CSV file, on disk before the run goes on; a full disk: WriteError."""
+
+    def write(*row):
+        try:
+            with open(path, "a", newline="") as file:
+                if file.tell() == 0:  # a new file, or one left empty by a run killed before its first row
+                    csv.writer(file).writerow(columns.split())
+                csv.writer(file).writerow(row)
+        except OSError as e:
+            raise WriteError(f"cannot write {path}: {e.strerror}", 1) from None
+
+    return write
 
 
 class Progress:
@@ -433,9 +458,11 @@ class Progress:
     def __init__(self, run_dir, step, episodes, num_envs, log):
         self.write = csv_writer(run_dir / "metrics.csv", "step episode episodic_return episode_length "
                                 "epsilon loss avg_max_q")
-        self.episodes, self.log, self.returns, self.updates = episodes, log, [], []
-        self.score, self.length, self.last = np.zeros(num_envs), np.zeros(num_envs, int), (np.nan, np.nan)
-        self.t_line, self.step_line = time.time(), step
+        self.log = log
+        self.episodes, self.returns = episodes, []  # games so far, and the last 20 games' scores
+        self.score, self.length = np.zeros(num_envs), np.zeros(num_envs, int)  # each env's game so far
+        self.updates, self.last = [], (np.nan, np.nan)  # (loss, max Q): since the last line, the last
+        self.t_line, self.step_line = time.time(), step  # when and at which step the last line was
 
     def update(self, loss, max_q):
         self.last = (loss, max_q)
@@ -451,9 +478,11 @@ class Progress:
         if time.time() - self.t_line > 5:
             sps = (step - self.step_line) / (time.time() - self.t_line)
             loss, q = np.mean(self.updates, axis=0) if self.updates else (np.nan, np.nan)
+            learning = f"loss {loss:.4f} | q {q:.3f}" if self.updates else "no updates yet: the replay fills"
             self.log(f"step {step:,} | {sps:.0f} sps | episodes {self.episodes} | return "
-                     f"{np.mean(self.returns or np.nan):.1f} | eps {eps:.3f} | loss {loss:.4f} | q {q:.3f}")
-            self.t_line, self.step_line, self.updates = time.time(), step, []
+                     f"{np.mean(self.returns or np.nan):.1f} | eps {eps:.3f} | {learning}")
+            self.t_line, self.step_line = time.time(), step
+            self.updates = []
 
 
 # ----------------------------------------------------------------------------------------- environments
@@ -484,14 +513,10 @@ class Env:
         if not isinstance(actions, gym.spaces.Discrete):
             raise UserError(f"{env_id} has {type(actions).__name__} actions; DQN needs discrete actions")
         if not (self.atari or isinstance(obs, gym.spaces.Box) and len(obs.shape) == 1):
-            raise UserError(f"{env_id} has observations of shape {obs.shape}; supported are Atari games "
-                            "and tasks with a flat vector observation")
+            raise UserError(f"{env_id} has observations of shape {obs.shape}; dqn.py plays Atari or vectors")
         self.num_actions, self.obs_shape, self.obs_dtype = int(actions.n), obs.shape, obs.dtype
         # The replay stores one frame per step: the newest (84, 84) frame of Atari's 4, or the vector.
         self.stack, self.frame_shape = (obs.shape[0], obs.shape[1:]) if self.atari else (1, obs.shape)
-
-    def newest_frame(self, obs):
-        return obs[:, -1] if self.atari else obs  # (N, 84, 84) or (N, obs_dim)
 
     def reset(self, seed):
         obs, info = self.vec.reset(seed=seed)
@@ -499,8 +524,10 @@ class Env:
         self.age = np.ones(self.num_envs, int)  # frames of the current life in the stack, up to 4
         return obs
 
-    def send(self, actions):  # Atari emulators run in ale-py's threads until recv()
-        self.vec.send(actions) if self.atari else setattr(self, "pending", actions)
+    def send(self, actions):
+        self.pending = actions
+        if self.atari:  # the emulators run in ale-py's threads until recv()
+            self.vec.send(actions)
 
     def recv(self):
         if not self.atari:
@@ -522,10 +549,9 @@ class Env:
 
 
 def make_atari(spec, num_envs, train):
-    """ale-py's native, threaded preprocessing, set as gymnasium registers the id (sticky actions, actions).
-    Mnih et al. 2013, sec. 4.1: "The raw frames are preprocessed by first converting their RGB representation
-    to gray-scale and down-sampling it to a 110x84 image [...] cropping an 84x84 region"; ALE resizes straight
-    to 84x84 as the 2015 code did, and stacks "the last 4 frames of a history" into phi."""
+    """ale-py's native, threaded preprocessing, with the id's sticky actions and action set. Mnih et al. 2013,
+    sec. 4.1: "The raw frames are preprocessed by first converting their RGB representation to gray-scale and
+    down-sampling it to a 110x84 image [...] cropping an 84x84 region"; ALE resizes to 84x84 (2015)."""
     from ale_py.vector_env import AtariVectorEnv
 
     kwargs, skip = spec.kwargs, spec.kwargs.get("frameskip", 4)
@@ -550,27 +576,24 @@ def make_replay(env, args):
     with contextlib.suppress(OSError):
         have = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if "MemAvailable" in line)
     if need > have:
-        raise UserError(f"a replay of {args.buffer_size:,} transitions needs {need / 1e9:.1f} GB but "
-                        f"{have / 1e9:.1f} GB is available; lower --buffer-size")
-    if args.buffer_size // args.num_envs < env.stack + 2:
-        raise UserError(f"--buffer-size {args.buffer_size} leaves fewer than {env.stack + 2} slots per env")
+        raise UserError(f"a replay of {need / 1e9:.1f} GB; {have / 1e9:.1f} GB free: lower --buffer-size")
     return Replay(args.buffer_size, args.num_envs, env.frame_shape, env.obs_dtype, env.stack)
 
 
 def start_run(env, args, meta, log):
-    """Makes the run dir (--run-dir, a resumed checkpoint's own, or a new one), writes config.json, and logs
-    the banner, which names the BLAS. Returns the run dir."""
+    """Makes the run dir (--run-dir, --load's own, or a new one), writes config.json (config-<step>.json for
+    a run resumed at that step), and logs the banner, which names the BLAS. Returns the run dir."""
     run_dir = Path(args.run_dir or (Path(args.load).parent if meta else Path(
         f"runs/{args.env.replace('/', '_')}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
+        if not args.eval_only:  # the flags that trained the run; a resumed run's go beside them
+            name = f"config-{meta['step']}.json" if meta.get("step") else "config.json"
+            (run_dir / name).write_text(json.dumps(vars(args), indent=2))
     except OSError as e:
         raise UserError(f"run dir {run_dir} is not writable: {e.strerror}", 1) from None
     log(f"env {args.env}: {env.num_actions} actions, obs {env.obs_shape} | device {mx.default_device()} "
-        f"| BLAS {BLAS or 'reference (slow)'} | run dir {run_dir}")
-    if BLAS is None and mx.default_device() == mx.cpu:
-        log(f"hint: {BLAS_HINT}")
+        f"| BLAS {BLAS or 'reference, slow: ' + BLAS_HINT} | run dir {run_dir}")
     if meta.get("step") and not args.eval_only:
         log(f"resumed at step {meta['step']:,}; {args.learning_starts:,} uncounted steps refill the replay")
     return run_dir
@@ -591,12 +614,12 @@ def save_checkpoint(run_dir, q, target, opt, args, step, episodes, rng):
             os.replace(tmp, path)
         except (OSError, RuntimeError, ValueError) as e:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {path}: {e}", 1) from None
+            raise WriteError(f"cannot write {path}: {e}", 1) from None
 
 
 def load_checkpoint(path, q, target, opt, args):
     """Loads Q's weights and, from a full checkpoint, the target and the optimizer with the new --lr. Returns
-    the metadata to resume from, or {} for weights alone."""
+    the metadata (its step, ...), or {} for weights that a new run trains from."""
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
         meta = json.loads(metadata.get("dqn", "{}"))
@@ -616,7 +639,7 @@ def load_checkpoint(path, q, target, opt, args):
         raise UserError(f"--load {path}: does not fit the network: {str(e).splitlines()[0]}") from None
     if resume:
         opt.state = dict(state["opt"], learning_rate=mx.array(args.lr))
-    return meta if "q" in state else {}  # weights only: a new run starts from them
+    return meta if "q" in state or args.eval_only else {}  # weights to train from: a new run
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -626,7 +649,8 @@ class Evaluator:
     0.05." One env per game, apart from training's: short games are not over-counted. Logs eval.csv."""
 
     def __init__(self, args, q, run_dir, log):
-        self.args, self.q, self.run_dir, self.log, self.rows = args, q, run_dir, log, []
+        self.args, self.q, self.run_dir, self.log = args, q, run_dir, log
+        self.rows = []  # the evaluations so far
         self.write = csv_writer(run_dir / "eval.csv", "step mean_return std_return episodes avg_max_q")
         # Mnih et al. 2013, sec. 5.1: "we collect a fixed set of states by running a random policy before
         # training starts and track the average of the maximum predicted Q for these states."
@@ -637,16 +661,24 @@ class Evaluator:
         self.states = mx.array(np.concatenate(states))  # (500 or 100, *obs_shape)
         env.vec.close()
 
-    def __call__(self, step):
-        """Plays one game per env to its end and logs the real scores; --video saves game 0's frames."""
+    def __call__(self, step, stopped=()):
+        """Plays one game per env to its end and logs the real scores. A signal (in `stopped`) ends the games
+        early, with no row: --eval-only can redo it."""
         a, seed = self.args, self.args.seed + 1 + step
         env, rng = Env(a.env, a.eval_episodes, train=False), np.random.default_rng(seed)
-        obs, returns, running, frames = env.reset(seed=seed), np.full(a.eval_episodes, np.nan), 0, []
-        while np.isnan(returns).any():
-            frames += [obs[0, -1]] if a.video and np.isnan(returns[0]) else []  # (84, 84): the newest frame
+        obs = env.reset(seed=seed)
+        returns = np.full(a.eval_episodes, np.nan)  # each env's first game's score, once it ends
+        running = 0  # each env's score so far
+        frames = []  # --video: game 0's newest frames, (84, 84) each
+        while np.isnan(returns).any() and not stopped:
+            if a.video and np.isnan(returns[0]):
+                frames.append(obs[0, -1])
             obs, reward, _, new_game = env.step(act(self.q, obs, a.eval_eps, rng, env.num_actions))
-            returns, running = np.where(new_game & np.isnan(returns), running, returns), running + reward
+            returns = np.where(new_game & np.isnan(returns), running, returns)
+            running = running + reward
         env.vec.close()
+        if stopped:
+            return None
         if a.video:
             save_gif(frames, self.run_dir / f"eval-{step}.gif")
         row = dict(step=step, mean_return=returns.mean(), std_return=returns.std(), episodes=len(returns),
@@ -744,19 +776,17 @@ def block_conv_vjp(primals, dy, y):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.device:
-            mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
         # An update cycles through ~90 MiB of temporaries; MLX's CPU keeps only 32 MiB of freed buffers.
-        mx.set_cache_limit(max(mx.set_cache_limit(128 << 20), 128 << 20))
+        default_limit = mx.set_cache_limit(128 << 20)
+        mx.set_cache_limit(max(default_limit, 128 << 20))  # a larger default (a GPU's) stays
         if not args.eval_only:
-            return train(args) and 0
+            train(args)
+            return 0
         env = Env(args.env, 1, train=False)  # --eval-only: one evaluation of the weights given by --load
         env.vec.close()
         q, _, _, meta = make_learner(env, args)
         run_dir = start_run(env, args, meta, say)
         Evaluator(args, q, run_dir, say)(meta.get("step", 0))
-        if args.plot:
-            plot_run(run_dir)
     except KeyboardInterrupt:  # before the training loop's own handler is installed
         print("dqn.py: error: interrupted", file=sys.stderr)
         return 130
