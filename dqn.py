@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import csv
 import ctypes
-import glob
 import json
 import os
 import signal
@@ -53,7 +52,7 @@ def load_blas(candidates):
                 return name
 
 
-MKL = [("MKL", path) for path in glob.glob(f"{sys.prefix}/lib/libmkl_rt.so*")]  # `pip install mkl`: first
+MKL = [("MKL", str(p)) for p in Path(sys.prefix, "lib").glob("libmkl_rt.so*")]  # `pip install mkl`: first
 BLAS = "Accelerate" if sys.platform == "darwin" else load_blas(MKL + [("OpenBLAS", "libopenblas.so.0")])
 BLAS_HINT = "`apt-get install libopenblas0-pthread` or `pip install mkl` makes MLX's CPU matmuls ~30x faster"
 
@@ -96,8 +95,8 @@ OPTIMIZERS = {"adam": (1e-4, 2.5e-4), "rmsprop": (2.5e-4, 2.5e-4)}  # default le
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dqn.py", description="DQN (Mnih et al. 2013/2015) in MLX.",
-                                usage=argparse.SUPPRESS)  # no usage block: argparse's errors are one line
+    # No usage block: argparse's errors are one line.
+    p = argparse.ArgumentParser(prog="dqn.py", description=__doc__.splitlines()[0], usage=argparse.SUPPRESS)
     add = p.add_argument
     add("--env", default="ALE/Pacman-v5", help="any Atari id, or a vector task: CartPole-v1, Acrobot-v1, ...")
     add("--arch", choices=("nips", "nature"), default="nips", help="Atari network: 2013 (nips) or 2015")
@@ -374,6 +373,7 @@ def train(args, log=say):
     replay.add(0, 0, False, obs[:, -1] if env.atari else obs, np.ones(args.num_envs, bool))  # first frames
     refill = args.learning_starts if step else 0  # a resumed run refills its replay first, uncounted
     next_update, next_sync = max(step, args.learning_starts), step + args.target_update
+    best = meta.get("best", -np.inf)  # the best evaluation so far
     with stop_on_signals() as stopped:
         try:
             while step < args.total_steps and not stopped:
@@ -396,21 +396,26 @@ def train(args, log=say):
                     sync_target(q, target)
                     next_sync += args.target_update
                 if evaluator and (crossed(prev, step, args.eval_every) or step >= args.total_steps):
-                    evaluator(step, stopped)
+                    row = evaluator(step, stopped)
+                    if row and row["mean_return"] > best:  # RL Zoo's best model: kept beside the last one
+                        best = row["mean_return"]
+                        save_checkpoint(run_dir, q, target, opt, args, rng, step, progress.episodes, best,
+                                        ["best"])
+                        log(f"best evaluation so far: its weights are in {run_dir / 'best.safetensors'}")
                     if args.plot:
                         plot_run(run_dir)
                 if crossed(prev, step, args.save_every):
-                    save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+                    save_checkpoint(run_dir, q, target, opt, args, rng, step, progress.episodes, best)
         except WriteError:  # a full disk: the checkpoint may still fit, and it is what a run needs
-            save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+            save_checkpoint(run_dir, q, target, opt, args, rng, step, progress.episodes, best)
             raise
     env.vec.close()
-    save_checkpoint(run_dir, q, target, opt, args, step, progress.episodes, rng)
+    save_checkpoint(run_dir, q, target, opt, args, rng, step, progress.episodes, best)
     if stopped:
         log(f"stopped by signal at step {step:,}; checkpoint saved in {run_dir}")
         raise SystemExit(128 + stopped[0])
     log(f"done: {step:,} steps; model in {run_dir / 'model.safetensors'}")
-    return dict(step=step, episodes=progress.episodes, evals=evaluator and evaluator.rows, run_dir=run_dir)
+    return dict(step=step, episodes=progress.episodes, run_dir=run_dir)
 
 
 def crossed(prev, step, every):
@@ -563,9 +568,9 @@ def make_atari(spec, num_envs, train):
         # Nature 2015 evaluation: "each episode [...] for up to 5 min" = 18,000 frames at 60 Hz.
         max_num_frames_per_episode=kwargs.get("max_num_frames_per_episode", 108_000) if train else 18_000,
         # Not episodic_life, which resets the whole game at each lost life: the agent would never see its
-        # second life. life_loss_info reports `terminated` at each lost life while the game goes on.
-        noop_max=30, episodic_life=False, life_loss_info=train,
-        reward_clipping=False)  # the learner clips, so that the logs show the real score
+        # second life. life_loss_info reports `terminated` at each lost life while the game goes on. No
+        # reward_clipping: the learner clips, so that the logs show the real score.
+        noop_max=30, episodic_life=False, life_loss_info=train, reward_clipping=False)
 
 
 def make_replay(env, args):
@@ -600,14 +605,14 @@ def start_run(env, args, meta, log):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir, q, target, opt, args, step, episodes, rng):
-    """checkpoint.safetensors resumes a run (both nets, optimizer, counters, RNG state); model.safetensors
-    holds Q's weights alone. Each is written under a temporary name, then renamed: a crash or a full disk
-    mid-write keeps the previous file."""
+def save_checkpoint(run_dir, q, target, opt, args, rng, step, episodes, best, files=()):
+    """checkpoint.safetensors resumes a run (nets, optimizer, counters, RNG); model.safetensors: Q's weights;
+    best.safetensors: Q's at the best evaluation. Written, then renamed: a failed write keeps the old."""
     meta = json.dumps(dict(env=args.env, arch=args.arch if args.atari else "mlp", optimizer=args.optimizer,
-                           step=step, episodes=episodes, rng=rng.bit_generator.state))
+                           step=step, episodes=episodes, best=best, rng=rng.bit_generator.state))
     full = {"q": q.parameters(), "target": target.parameters(), "opt": opt.state}
-    for name, tree in (("checkpoint", full), ("model", q.parameters())):
+    for name in files or ("checkpoint", "model"):
+        tree = full if name == "checkpoint" else q.parameters()
         path, tmp = run_dir / f"{name}.safetensors", run_dir / f".{name}.tmp.safetensors"
         try:
             mx.save_safetensors(str(tmp), dict(tree_flatten(tree)), metadata={"dqn": meta})
@@ -650,7 +655,6 @@ class Evaluator:
 
     def __init__(self, args, q, run_dir, log):
         self.args, self.q, self.run_dir, self.log = args, q, run_dir, log
-        self.rows = []  # the evaluations so far
         self.write = csv_writer(run_dir / "eval.csv", "step mean_return std_return episodes avg_max_q")
         # Mnih et al. 2013, sec. 5.1: "we collect a fixed set of states by running a random policy before
         # training starts and track the average of the maximum predicted Q for these states."
@@ -684,7 +688,6 @@ class Evaluator:
         row = dict(step=step, mean_return=returns.mean(), std_return=returns.std(), episodes=len(returns),
                    avg_max_q=self.q(self.states).max(axis=1).mean().item())  # sync point
         self.write(*row.values())
-        self.rows.append(row)
         self.log(f"eval at step {step:,}: return {row['mean_return']:.1f} +- {row['std_return']:.1f} over "
                  f"{len(returns)} games (epsilon {a.eval_eps}) | avg max Q {row['avg_max_q']:.3f}")
         return row
@@ -700,10 +703,7 @@ def save_gif(frames, path):
 
 def plot_run(run_dir):
     """Training return, evaluation return and average max Q against agent steps, like the 2013 Figure 2."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no window, and nothing kept once drawn
 
     def column(name, col):  # a missing value is NaN
         rows = list(csv.DictReader(open(run_dir / name))) if (run_dir / name).exists() else []
@@ -711,7 +711,8 @@ def plot_run(run_dir):
 
     steps, returns = column("metrics.csv", "step"), column("metrics.csv", "episodic_return")
     evals = [column("eval.csv", c) for c in ("step", "mean_return", "std_return", "avg_max_q")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(steps, returns, ".", alpha=0.3)
     axes[0].plot(steps, [returns[max(0, i - 99):i + 1].mean() for i in range(len(returns))])  # last 100
     axes[1].errorbar(*evals[:2], yerr=evals[2], marker="o")
@@ -720,7 +721,6 @@ def plot_run(run_dir):
                                 "Average max Q, held-out states"), strict=True):
         ax.set(title=title, xlabel="agent steps")
     fig.savefig(run_dir / "curves.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ CPU convolutions

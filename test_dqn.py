@@ -1,5 +1,6 @@
 """Tests for dqn.py: a test per piece, end-to-end runs, a learning test. `python -m pytest -q` runs them."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -49,6 +50,10 @@ def same(a, b):
 
 def saved_meta(path):
     return json.loads(mx.load(str(path), return_metadata=True)[1]["dqn"])
+
+
+def evals(run):  # eval.csv's rows, as numbers
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(open(run / "eval.csv"))]
 
 
 class Countdown(gym.Env):
@@ -187,9 +192,9 @@ def test_atari_run_writes_its_files_and_replays_the_stacks_the_agent_acted_on(tm
     args = args_for(tmp_path, "ALE/Breakout-v5", *flags.split(), "--eval-episodes", "3", "--eval-eps", "1",
                     *video)  # random play: short evaluation games
     out, run = dqn.train(args, **QUIET), tmp_path / "run"
-    evals = [e["step"] for e in out["evals"]]  # one at each crossing of a multiple of 600, one at the end
-    assert 1200 <= out["step"] < 1202 and [e // 600 for e in evals] == [1, 2] and evals[-1] == out["step"]
-    video = [e for e in evals if video]
+    steps = [int(e["step"]) for e in evals(run)]  # one at each crossing of a multiple of 600, one at the end
+    assert 1200 <= out["step"] < 1202 and [e // 600 for e in steps] == [1, 2] and steps[-1] == out["step"]
+    video = [e for e in steps if video]
     assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "eval.csv", "model.safetensors",
                                                 "checkpoint.safetensors", *(f"eval-{e}.gif" for e in video)}
     assert (run / "metrics.csv").read_text().startswith("step,episode,episodic_return,episode_length,epsilon")
@@ -353,7 +358,8 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
     args = args_for(tmp_path)
     q, target, opt = learner()
     dqn.make_train_step(q, target, opt, 0.99, False)(*batch(0))
-    dqn.save_checkpoint(tmp_path, q, target, opt, args, 7, 3, np.random.default_rng(0))
+    every = ["checkpoint", "model", "best"]  # best: Q's weights at the best evaluation, like model's
+    dqn.save_checkpoint(tmp_path, q, target, opt, args, np.random.default_rng(0), 7, 3, 9.5, every)
 
     def disk_full(path, *a, **k):
         Path(path).write_bytes(b"half a file")  # the write starts, then the disk fills up
@@ -361,15 +367,16 @@ def test_checkpoint_round_trip_keeps_the_new_lr_and_survives_a_failed_write(tmp_
 
     monkeypatch.setattr(dqn.mx, "save_safetensors", disk_full)
     with pytest.raises(dqn.UserError, match="No space left"):
-        dqn.save_checkpoint(tmp_path, *learner(seed=2), args, 8, 0, np.random.default_rng(0))
+        dqn.save_checkpoint(tmp_path, *learner(seed=2), args, np.random.default_rng(0), 8, 0, 1.0, every)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.safetensors" for name in every)
     q2, target2, opt2 = learner(seed=1)
     args.lr = 5e-5
     meta = dqn.load_checkpoint(tmp_path / "checkpoint.safetensors", q2, target2, opt2, args)
     assert meta["step"] == 7 and opt2.learning_rate.item() == pytest.approx(5e-5) and opt2.state["step"] == 1
     assert same(q, q2) and same(target, target2) and not same(q, target) and same(opt.state, opt2.state)
-    assert same(q, tmp_path / "model.safetensors")  # plain MLX weights, for `model.load_weights`
+    assert same(q, tmp_path / "model.safetensors") and same(q, tmp_path / "best.safetensors")  # plain MLX
+    assert saved_meta(tmp_path / "best.safetensors")["best"] == 9.5  # weights, for `model.load_weights`
     q3, target3, opt3 = learner(seed=3)  # weights only: the target starts as their copy, a new run
     assert dqn.load_checkpoint(tmp_path / "model.safetensors", q3, target3, opt3, args) == {}
     assert same(q, q3) and same(q3, target3)
@@ -436,7 +443,7 @@ def test_each_variant_changes_learning_and_the_same_seed_repeats(tmp_path, monke
     model = [out["run_dir"] / "model.safetensors" for out in outs]
     assert same(model[0], model[-1]) and not same(model[0], baseline / "model.safetensors")  # flag changed it
     out = outs[0]  # parallel envs advance the step by up to 3 at once: one evaluation at 300, one at the end
-    assert 400 <= out["step"] < 403 and [e["step"] // 100 for e in out["evals"]] == [3, 4]
+    assert 400 <= out["step"] < 403 and [e["step"] // 100 for e in evals(out["run_dir"])] == [3, 4]
     rows = (out["run_dir"] / "metrics.csv").read_text().splitlines()[1:]
     assert out["episodes"] == len(rows) and sum(int(r.split(",")[3]) for r in rows) <= out["step"]
     every = int(flags[1]) if flags[0] == "--train-freq" else 1  # one update per --train-freq steps from 100
@@ -444,7 +451,7 @@ def test_each_variant_changes_learning_and_the_same_seed_repeats(tmp_path, monke
     q = learner()[0]  # the final evaluation's average max Q is Q's, not the target's
     q.load_weights(str(model[0]))
     states = dqn.Evaluator(args_for(tmp_path, "CartPole-v1", *VARIANT, *flags), q, tmp_path, print).states
-    assert out["evals"][-1]["avg_max_q"] == pytest.approx(q(states).max(axis=1).mean().item(), rel=1e-5)
+    assert evals(out["run_dir"])[-1]["avg_max_q"] == pytest.approx(q(states).max(axis=1).mean().item(), 1e-5)
 
 
 def test_resume_continues_step_epsilon_rng_target_and_files(tmp_path, monkeypatch):
@@ -480,6 +487,22 @@ def test_resume_continues_step_epsilon_rng_target_and_files(tmp_path, monkeypatc
     assert len(evals) == 3 and all(e.split(",")[0::3] == [str(out["step"]), "2"] for e in evals[1:])
     configs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run").glob("config*.json")}
     assert {n: c["total_steps"] for n, c in configs.items()} == {"config.json": 450, "config-450.json": 700}
+
+
+def test_best_model_is_written_at_a_new_best_evaluation_only_and_resumes_its_score(tmp_path, monkeypatch):
+    scores, weights, lines, real_call = iter([1.0, 5.0, 2.0, 3.0, 4.0, 6.0]), {}, [], dqn.Evaluator.__call__
+    monkeypatch.setattr(dqn.Evaluator, "__call__", lambda self, step, stopped=(): weights.update(
+        {step: params(self.q)}) or dict(real_call(self, step, stopped), mean_return=next(scores)))
+    run, best, flags = tmp_path / "run", tmp_path / "run" / "best.safetensors", ["--eval-every", "100"]
+    dqn.train(args_for(tmp_path, "CartPole-v1", *flags), log=lines.append)  # evaluations at 100 ... 400
+    assert [saved_meta(best)[k] for k in ("step", "best")] == [200, 5.0] and same(weights[200], best)
+    assert sum("best evaluation so far" in line for line in lines) == 2  # at 100 and 200 only
+    load = ["--total-steps", "600", "--load", str(run / "checkpoint.safetensors")]
+    dqn.train(args_for(tmp_path, "CartPole-v1", *flags, *load), log=lines.append)  # 4 at 500 is no best
+    assert saved_meta(best)["step"] == 600 and sum("best evaluation" in line for line in lines) == 3
+    monkeypatch.undo()
+    assert dqn.main(["--env", "CartPole-v1", "--eval-only", "--load", str(best)]) == 0
+    assert evals(run)[-1]["step"] == 600 and len(evals(run)) == 7 and not same(weights[200], best)
 
 
 def test_a_run_resumed_before_learning_starts_waits_for_it(tmp_path, monkeypatch):
@@ -577,7 +600,7 @@ def test_cartpole_learns_with_default_flags_and_holds_it(tmp_path):
     more). Evaluating only at the end changes nothing else: evaluation has its own envs and random stream."""
     argv = ["--env", "CartPole-v1", "--eval-every", "50000", "--run-dir", str(tmp_path / "run")]
     out = dqn.train(dqn.parse_args(argv), **QUIET)
-    assert out["step"] == 50_000 and out["evals"][-1]["mean_return"] >= 400, out["evals"]
+    assert out["step"] == 50_000 and evals(out["run_dir"])[-1]["mean_return"] >= 400, evals(out["run_dir"])
 
 
 def start(run, *flags, **popen):
@@ -661,7 +684,7 @@ def test_every_flag_refuses_impossible_values(capsys, tmp_path):
 
 
 def test_load_run_dir_and_interrupt_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    dqn.save_checkpoint(tmp_path, *learner(), args_for(tmp_path), 1, 0, np.random.default_rng(0))
+    dqn.save_checkpoint(tmp_path, *learner(), args_for(tmp_path), np.random.default_rng(0), 1, 0, 0.0)
     (tmp_path / "junk.safetensors").write_text("not a checkpoint")
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:3000])
     acrobot = json.dumps({"env": "Acrobot-v1", "arch": "mlp"})  # the right id, the wrong weights
