@@ -76,7 +76,7 @@ class WriteError(UserError):
 # vector tasks (CartPole...), where Atari's would take hours to learn what needs minutes.
 HYPERPARAMETERS = {  # flag: (Atari, classic, help)
     "total_steps": (2_500_000, 50_000, "agent steps to train (paper: 10M frames = 2.5M agent steps)"),
-    "buffer_size": (1_000_000, 50_000, "replay memory N, in transitions (paper: 1M)"),
+    "buffer_size": (1_000_000, 1_000_000, "replay memory N, in transitions (paper: 1M)"),
     "batch_size": (32, 128, "minibatch size (paper: 32; RMSProp's eps is DeepMind's only at 32)"),
     "gamma": (0.99, 0.99, "discount factor (2015: 0.99)"),
     "eps_start": (1.0, 1.0, "initial exploration epsilon (paper: 1.0)"),
